@@ -1,0 +1,170 @@
+"""Export to and import from transformers' llava-hf format (`LlavaForConditionalGeneration` + processor).
+
+Key map (ours -> transformers): `vision_tower.*` -> `model.vision_tower.*`,
+`multi_modal_projector.*` -> `model.multi_modal_projector.*`, `language_model.<base>.*` ->
+`model.language_model.*`, `language_model.lm_head.*` -> `lm_head.*`. Export builds the HF model on
+the meta device and assigns our tensors (no copy, no second random init), then lets transformers
+write its own format. Import reuses the loaded HF modules directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .vision_hf import HFVisionTower
+
+log = logging.getLogger(__name__)
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our state dict under transformers' Llava key names."""
+    lm = model.language_model
+    base = lm.base_model_prefix
+    head = [n for n, m in lm.named_children() if m is lm.get_output_embeddings()]
+    out = {}
+    for key, value in model.state_dict().items():
+        part, rest = key.split(".", 1)
+        if part in ("vision_tower", "multi_modal_projector"):
+            out[f"model.{key}"] = value
+        elif rest.startswith(base + "."):
+            out["model.language_model." + rest[len(base) + 1 :]] = value
+        elif head and rest.startswith(head[0] + "."):
+            out["lm_head." + rest[len(head[0]) + 1 :]] = value
+        else:
+            raise ValueError(f"cannot place {key!r} in transformers' Llava layout")
+    return out
+
+
+def _check_exportable(model) -> None:
+    if not isinstance(model.vision_tower, HFVisionTower):
+        raise ValueError(
+            f"save_hf: transformers' Llava cannot represent a {type(model.vision_tower).__name__}: its "
+            "TimmWrapper returns NCHW intermediates without prefix tokens, so LLaVA's feature-layer and "
+            "token selection would differ. Export needs a transformers vision tower (CLIP, SigLIP, ...); "
+            "save the Lightning checkpoint or state dict instead."
+        )
+    if model.projector_type != "mlp2x_gelu":
+        raise ValueError(
+            f"save_hf: transformers' LlavaMultiModalProjector is Linear-GELU-Linear (mlp2x_gelu); this model's "
+            f"projector is {model.projector_type!r}, which llava-hf cannot hold"
+        )
+
+
+def build_hf_config(model):
+    """The `LlavaConfig` describing `model`."""
+    from transformers import LlavaConfig
+
+    tower = model.vision_tower
+    lm_config = model.language_model.config
+    strategy = tower.select_strategy
+    if tower.num_prefix_tokens == 0:
+        # transformers' "default" always drops one token; with no CLS token, "full" is the same selection.
+        strategy = "full"
+    return LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config=lm_config.to_dict(),
+        image_token_index=model.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=tower.feature_layer,
+        image_seq_length=tower.num_tokens,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm_config, "tie_word_embeddings", False)),
+    )
+
+
+def build_hf_processor(model):
+    """A `LlavaProcessor` whose image processor reproduces the tower's input transform."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tower = model.vision_tower
+    size = tower.image_size
+    if tower.config.model_type == "clip_vision_model":
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            do_center_crop=True,
+            image_mean=list(tower.image_mean),
+            image_std=list(tower.image_std),
+        )
+    else:
+        image_processor = CLIPImageProcessor(
+            size={"height": size, "width": size},
+            do_center_crop=False,
+            image_mean=list(tower.image_mean),
+            image_std=list(tower.image_std),
+        )
+    strategy = build_hf_config(model).vision_feature_select_strategy
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=int(tower.config.patch_size),
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=tower.num_prefix_tokens,
+        image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+    )
+
+
+def save_hf(model, path: Path) -> None:
+    """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer)."""
+    from transformers import LlavaForConditionalGeneration
+
+    _check_exportable(model)
+    config = build_hf_config(model)
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    state = to_hf_state_dict(model)
+    expected = set(hf.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"save_hf: key mismatch, missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(path))
+    build_hf_processor(model).save_pretrained(str(path))
+    log.info("wrote llava-hf folder %s", path)
+
+
+def load_hf(cls, path: str, trust_remote_code: bool = False):
+    """Build our `cls` (LlavaModel) from a llava-hf folder or hub name, reusing the loaded modules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg = hf.config
+    if not cfg.multimodal_projector_bias or cfg.projector_hidden_act != "gelu":
+        raise ValueError(
+            f"{path}: projector without bias or with {cfg.projector_hidden_act!r} activation is not supported "
+            "(llava_lightning's mlp2x_gelu has biases and exact GELU)"
+        )
+    mean = std = None
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError):
+        log.warning("%s has no image processor; using the vision tower's default normalisation", path)
+    tower = HFVisionTower(
+        hf.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, mean, std
+    )
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    setattr(lm, lm.base_model_prefix, hf.model.language_model)
+    lm.set_output_embeddings(hf.lm_head)
+    if cfg.tie_word_embeddings:
+        lm.tie_weights()
+    stray = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if stray:
+        raise RuntimeError(f"{type(lm).__name__} has parts outside its base model and head: {stray[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu")
+    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict(), strict=False)
+    return model

@@ -1,0 +1,194 @@
+"""`LlavaModel`: vision tower -> projector -> causal LM, with image features scattered into the text.
+
+Module names follow transformers' Llava (`vision_tower`, `multi_modal_projector`, `language_model`).
+`input_ids` already hold one image-token id per image feature vector (the data pipeline expands
+each `<image>`), exactly as transformers' processor does; images are consumed in order: sample 0's
+images first, left to right, then sample 1's, and so on. Text-only samples simply hold no image ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .language_model import build_language_model, decoder_block_class
+from .projector import build_projector
+from .specs import LlavaSpec
+from .vision_tower import VisionTower, build_vision_tower
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LlavaOutput:
+    """What `LlavaModel.forward` returns."""
+
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over supervised tokens (labels != -100), or None without labels."""
+    logits: torch.Tensor | None = None
+    """`[B, T, vocab]` logits, or None when `return_logits=False`."""
+    loss_sum: torch.Tensor | None = None
+    """Summed cross-entropy (for normalising over a whole accumulated optimizer step)."""
+    num_supervised: torch.Tensor | None = None
+    """Number of supervised tokens behind `loss`."""
+    cache: Any = None
+    """The language model's KV cache when it returned one."""
+
+
+def _has_logit_postprocessing(config) -> bool:
+    # Models that soft-cap or scale logits after lm_head (Gemma-2, Cohere, Granite) cannot use the
+    # "lm_head on supervised positions only" shortcut; they take the language model's own forward.
+    return bool(
+        getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", 1.0) not in (None, 1.0)
+        or getattr(config, "logits_scaling", 1.0) not in (None, 1.0)
+    )
+
+
+class LlavaModel(nn.Module):
+    """A LLaVA model: `vision_tower`, `multi_modal_projector`, `language_model` (+ its tokenizer)."""
+
+    def __init__(
+        self,
+        vision_tower: VisionTower,
+        language_model: nn.Module,
+        tokenizer: Any,
+        image_token_id: int,
+        projector: str = "mlp2x_gelu",
+    ):
+        super().__init__()
+        self.vision_tower = vision_tower
+        hidden = language_model.get_input_embeddings().weight.shape[1]
+        self.multi_modal_projector = build_projector(projector, vision_tower.hidden_size, hidden)
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.image_token_id = int(image_token_id)
+        self.projector_type = projector
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_spec(cls, spec: LlavaSpec) -> LlavaModel:
+        """Build from a `LlavaSpec` (hub names load weights; `config` fields build random-init parts)."""
+        tower = build_vision_tower(spec.vision)
+        lm, tokenizer, image_token_id = build_language_model(spec.language)
+        return cls(tower, lm, tokenizer, image_token_id, spec.projector)
+
+    @classmethod
+    def from_preset(cls, name: str) -> LlavaModel:
+        """Build a named preset (`llava-1.5-7b`, `llava-1.5-13b`, `tiny`, ...; see `presets.PRESETS`)."""
+        from .presets import get_preset
+
+        return cls.from_spec(get_preset(name))
+
+    @classmethod
+    def from_hf(cls, path: str | Path, **kwargs) -> LlavaModel:
+        """Load a llava-hf checkpoint (folder or hub name), e.g. `llava-hf/llava-1.5-7b-hf`."""
+        from .hf_interop import load_hf
+
+        return load_hf(cls, str(path), **kwargs)
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write a folder that `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` load."""
+        from .hf_interop import save_hf
+
+        save_hf(self, Path(path))
+
+    def init_projector_from(self, path: str | Path) -> None:
+        """Load projector weights from our artifact (`.safetensors`) or LLaVA's `mm_projector.bin`."""
+        from .projector_io import load_projector_state
+
+        state = load_projector_state(Path(path), self.projector_type)
+        self.multi_modal_projector.load_state_dict(state, strict=True)
+        log.info("projector initialised from %s", path)
+
+    # ----------------------------------------------------------------------------- scaling contract
+    def block_classes(self) -> dict[str, type[nn.Module]]:
+        """The transformer-block class of each component (units to shard and checkpoint)."""
+        return {
+            "vision_tower": self.vision_tower.block_class,
+            "language_model": decoder_block_class(self.language_model),
+        }
+
+    # ----------------------------------------------------------------------------- forward
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features `[num_images, num_tokens, hidden]`."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings with image features scattered over the image-token positions."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.image_token_id
+        n_tokens = int(image_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_tokens:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids "
+                    "but no pixel_values were given"
+                )
+            return embeds
+        features = self.get_image_features(pixel_values)
+        n_features = features.shape[0] * features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids, "
+                f"{n_features} image feature vectors ({features.shape[0]} images x {features.shape[1]} "
+                "tokens); each image needs exactly that many image-token ids"
+            )
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+        **lm_kwargs: Any,
+    ) -> LlavaOutput:
+        """Loss (mean over tokens with label != -100, next-token shifted) and logits.
+
+        With `return_logits=False` and labels, the LM head runs only on supervised positions (the
+        training path: image and prompt positions need no vocabulary projection).
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        lm = self.language_model
+        shortcut = labels is not None and not return_logits and not _has_logit_postprocessing(lm.config)
+        if not shortcut:
+            out = lm(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
+            )
+            logits = out.logits
+            result = LlavaOutput(logits=logits if return_logits else None, cache=_cache_of(out))
+            if labels is not None:
+                result.loss, result.loss_sum, result.num_supervised = _shifted_ce(logits, labels, None)
+            return result
+        decoder = lm.get_decoder()
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
+        loss, loss_sum, count = _shifted_ce(out[0], labels, lm.get_output_embeddings())
+        return LlavaOutput(loss=loss, loss_sum=loss_sum, num_supervised=count, cache=_cache_of(out))
+
+
+def _cache_of(out) -> Any:
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
+    """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = states[:, :-1][mask]
+    if head is not None:
+        picked = head(picked)
+    loss_sum = F.cross_entropy(picked.float(), targets[mask], reduction="sum")
+    count = mask.sum()
+    return loss_sum / count.clamp(min=1), loss_sum, count
