@@ -123,7 +123,9 @@ def save_hf(model, path: Path) -> None:
         expected.discard("lm_head.weight")
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"save_hf: key mismatch, missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"save_hf: key mismatch, missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     hf.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         hf.tie_weights()

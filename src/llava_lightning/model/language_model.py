@@ -32,7 +32,9 @@ def load_tokenizer(spec: LanguageSpec):
 def add_image_token(tokenizer, image_token: str = "<image>", pad_token: str = "<pad>") -> int:
     """Give the tokenizer `image_token` (and `pad_token` when it has no pad); return the image-token id."""
     if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False
+        )
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": pad_token})
     return tokenizer.convert_tokens_to_ids(image_token)

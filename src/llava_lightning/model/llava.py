@@ -173,7 +173,9 @@ class LlavaModel(nn.Module):
                 result.loss, result.loss_sum, result.num_supervised = _shifted_ce(logits, labels, None)
             return result
         decoder = lm.get_decoder()
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
+        out = decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
+        )
         loss, loss_sum, count = _shifted_ce(out[0], labels, lm.get_output_embeddings())
         return LlavaOutput(loss=loss, loss_sum=loss_sum, num_supervised=count, cache=_cache_of(out))
 

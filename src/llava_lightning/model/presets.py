@@ -54,12 +54,16 @@ TINY_QWEN2 = {
 PRESETS: dict[str, LlavaSpec] = {
     # LLaVA-1.5 (facts §1, §5): CLIP ViT-L/14-336, layer -2, CLS dropped, mlp2x_gelu, Vicuna v1.5.
     "llava-1.5-7b": LlavaSpec(
-        vision=VisionSpec(name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"),
+        vision=VisionSpec(
+            name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"
+        ),
         projector="mlp2x_gelu",
         language=LanguageSpec(name="lmsys/vicuna-7b-v1.5", use_fast_tokenizer=False),
     ),
     "llava-1.5-13b": LlavaSpec(
-        vision=VisionSpec(name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"),
+        vision=VisionSpec(
+            name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"
+        ),
         projector="mlp2x_gelu",
         language=LanguageSpec(name="lmsys/vicuna-13b-v1.5", use_fast_tokenizer=False),
     ),

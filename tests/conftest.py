@@ -1,0 +1,46 @@
+"""Shared test setup: no network, deterministic seeds, and session-scoped tiny models."""
+
+import os
+
+# Never let a test reach the hub: every model and tokenizer here is built from configs or local files.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "fixtures" / "llama2-tokenizer"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir():
+    """The real Llama-2/Vicuna tokenizer (../shared/fixtures), or a skip where a clone lacks it."""
+    if not (LLAMA2_TOKENIZER / "tokenizer.model").exists():
+        pytest.skip(f"fixture {LLAMA2_TOKENIZER} is absent (it lives beside the repo, not in a user's clone)")
+    return LLAMA2_TOKENIZER
+
+
+def image_batch(model, n_images: int) -> torch.Tensor:
+    """Random pixel values of the right size for `model`'s vision tower."""
+    size = model.vision_tower.image_size
+    return torch.randn(n_images, 3, size, size)
+
+
+def sample_ids(model, images: int, text: int = 12) -> torch.Tensor:
+    """One sample's ids: for each image, a few text ids then the image's token span; then text."""
+    vocab = 900  # below every tiny tokenizer's special ids
+    parts = []
+    for _ in range(images):
+        parts.append(torch.randint(3, vocab, (3,)))
+        parts.append(torch.full((model.vision_tower.num_tokens,), model.image_token_id))
+    parts.append(torch.randint(3, vocab, (text,)))
+    return torch.cat(parts)
