@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check src tests data_recipes
+	$(VENV)/bin/ruff check src tests $(wildcard data_recipes)
 
 bench: install
 	$(PY) -m llava_lightning.bench
