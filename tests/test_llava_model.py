@@ -86,3 +86,12 @@ def test_other_families_train(preset):
     classes = model.block_classes()
     assert set(classes) == {"vision_tower", "language_model"}
     assert any(isinstance(m, classes["language_model"]) for m in model.language_model.modules())
+
+
+def test_uint8_pixels_are_normalised_on_the_model_side(tiny):
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    mean = torch.tensor(tiny.vision_tower.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny.vision_tower.image_std).view(1, 3, 1, 1)
+    floats = (raw.float() / 255 - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.get_image_features(raw), tiny.get_image_features(floats))

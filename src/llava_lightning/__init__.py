@@ -1,6 +1,7 @@
 """llava-lightning: LLaVA (vision encoder + projector + any Hugging Face causal LM) for PyTorch Lightning."""
 
+from .data import LlavaDataModule
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
 
-__all__ = ["LanguageSpec", "LlavaModel", "LlavaSpec", "VisionSpec", "get_preset"]
+__all__ = ["LanguageSpec", "LlavaDataModule", "LlavaModel", "LlavaSpec", "VisionSpec", "get_preset"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """`python -m llava_lightning.bench`: run every benchmark (what `make bench` does)."""
 
-from . import model_step
+from . import loader, model_step
 
 if __name__ == "__main__":
-    model_step.main()
+    loader.main([])
+    model_step.main([])

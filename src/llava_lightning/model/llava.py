@@ -119,8 +119,21 @@ class LlavaModel(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features `[num_images, num_tokens, hidden]`."""
+        """Projected image features `[num_images, num_tokens, hidden]`.
+
+        `pixel_values` are normalised floats, or uint8 `[N, 3, S, S]` straight from the data loader
+        (4x less to move between processes); uint8 is normalised here, on the model's device.
+        """
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.normalize_pixels(pixel_values)
         return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[N, 3, H, W]` -> `(x / 255 - mean) / std` in float32 with the tower's mean and std."""
+        tower = self.vision_tower
+        mean = torch.tensor(tower.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(tower.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings with image features scattered over the image-token positions."""

@@ -1,0 +1,27 @@
+"""Data: decoding and transforming images, conversation templates, datasets and loaders."""
+
+from .captions import CaptionShards
+from .collate import LlavaCollator
+from .datamodule import LlavaDataModule, SourceConfig
+from .image import ImageDecodeError, ImageTransform, decode_image
+from .instruct import InstructionDataset, InstructionIndex
+from .mixture import WeightedMixture
+from .sample import SampleEncoder, StrictModeError
+from .templates import SampleError, get_template
+
+__all__ = [
+    "CaptionShards",
+    "ImageDecodeError",
+    "ImageTransform",
+    "InstructionDataset",
+    "InstructionIndex",
+    "LlavaCollator",
+    "LlavaDataModule",
+    "SampleEncoder",
+    "SampleError",
+    "SourceConfig",
+    "StrictModeError",
+    "WeightedMixture",
+    "decode_image",
+    "get_template",
+]

@@ -1,0 +1,43 @@
+"""Batching: right padding, attention masks, stacked pixel values, images per sample, skip counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .sample import SKIP
+from .templates import IGNORE_INDEX
+
+
+class LlavaCollator:
+    """Collates encoded samples; skip markers are dropped and counted in `batch["skipped"]`."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        skipped = Counter(s[SKIP] for s in samples if SKIP in s)
+        kept = [s for s in samples if SKIP not in s]
+        length = max((len(s["input_ids"]) for s in kept), default=0)
+        if self.pad_to_multiple_of and length:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(kept), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(kept), length), dtype=torch.long)
+        for i, s in enumerate(kept):
+            n = len(s["input_ids"])
+            ids[i, :n] = s["input_ids"]
+            labels[i, :n] = s["labels"]
+            mask[i, :n] = 1
+        pixels = [s["pixel_values"] for s in kept if len(s["pixel_values"])]
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "num_images": torch.tensor([len(s["pixel_values"]) for s in kept], dtype=torch.long),
+            "skipped": dict(skipped),
+        }

@@ -1,0 +1,199 @@
+"""`LlavaDataModule`: the training and validation data of one stage, configured from YAML.
+
+Sources are caption shards (stage 1) and instruction JSON files (stage 2), mixed by weight when
+there are several. Tokenizer, image size / mean / std and the number of image tokens come from the
+model (`connect(model)`, done automatically in `setup` under a Trainer), never repeated in YAML.
+Samples seen and skipped per reason are counted from the batches and reported per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .captions import CaptionShards
+from .collate import LlavaCollator
+from .image import ImageTransform
+from .instruct import InstructionDataset
+from .mixture import WeightedMixture
+from .sample import SampleEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a stage."""
+
+    kind: Literal["captions", "instruct"]
+    """`captions`: webdataset caption shards; `instruct`: a LLaVA-format JSON file."""
+    path: str
+    """Shard URL(s) with brace expansion (captions) or the JSON file (instruct)."""
+    image_root: str | None = None
+    """Folder the JSON's image paths are relative to (instruct)."""
+    weight: float = 1.0
+    """Sampling weight when a stage mixes several sources."""
+    resampled: bool = False
+    """Captions: draw shards at random forever (needs epoch_length); every rank runs the same steps."""
+    epoch_length: int | None = None
+    """Captions: samples per rank per epoch (required with resampled)."""
+
+
+class LlavaDataModule(L.LightningDataModule):
+    """Caption shards and instruction JSON for LLaVA training, with skip accounting."""
+
+    def __init__(
+        self,
+        train: list[SourceConfig],
+        val: list[SourceConfig] | None = None,
+        template: str = "vicuna_v1",
+        batch_size: int = 16,
+        num_workers: int = 4,
+        max_length: int = 2048,
+        image_aspect: Literal["square", "pad"] = "square",
+        shuffle_buffer: int = 1000,
+        mixture_epoch_length: int | None = None,
+        seed: int = 0,
+        strict: bool = False,
+        uint8_pixels: bool = True,
+    ):
+        """
+        Args:
+            train: Training sources (one, or several mixed by weight).
+            val: Validation sources (read in order, no shuffling).
+            template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto).
+            batch_size: Samples per device per step (skipped samples make a batch smaller).
+            num_workers: DataLoader worker processes per device.
+            max_length: Token limit per sample; a sample whose image span or every reply is cut is skipped.
+            image_aspect: `square` (CLIP resize + center crop) or `pad` (expand to square with the mean colour).
+            shuffle_buffer: Samples held for shuffling streamed caption shards.
+            mixture_epoch_length: Samples per rank per epoch when several training sources are mixed.
+            seed: Seed for shard order, shuffling and mixing.
+            strict: Raise on the first bad sample instead of skipping and counting it.
+            uint8_pixels: Ship uint8 pixels from workers; the model normalizes them on its device.
+        """
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.train_sources, self.val_sources = list(train), list(val or [])
+        self.template, self.batch_size, self.num_workers = template, batch_size, num_workers
+        self.max_length, self.image_aspect, self.shuffle_buffer = max_length, image_aspect, shuffle_buffer
+        self.mixture_epoch_length, self.seed, self.strict = mixture_epoch_length, seed, strict
+        self.uint8_pixels = uint8_pixels
+        self.encoder: SampleEncoder | None = None
+        self.collator: LlavaCollator | None = None
+        self.seen = 0
+        self.skipped: Counter[str] = Counter()
+        self._epoch: int | None = None
+
+    def connect(self, model: Any) -> None:
+        """Take tokenizer, image settings and image-token count from a `LlavaModel`."""
+        transform = ImageTransform.from_tower(model.vision_tower, aspect=self.image_aspect)
+        self.encoder = SampleEncoder(
+            template=self.template,
+            tokenizer=model.tokenizer,
+            transform=transform,
+            num_image_tokens=model.vision_tower.num_tokens,
+            max_length=self.max_length,
+            strict=self.strict,
+            uint8_pixels=self.uint8_pixels,
+        )
+        self.collator = LlavaCollator(pad_token_id=model.tokenizer.pad_token_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.encoder is None:
+            if self.trainer is None or self.trainer.lightning_module is None:
+                raise RuntimeError("LlavaDataModule needs connect(model) before use outside a Trainer")
+            self.connect(self.trainer.lightning_module.model)
+
+    def _build(self, source: SourceConfig, train: bool) -> Dataset | IterableDataset:
+        if source.kind == "captions":
+            return CaptionShards(
+                source.path,
+                self.encoder,
+                shuffle_shards=train,
+                shuffle_buffer=self.shuffle_buffer if train else 0,
+                seed=self.seed,
+                resampled=source.resampled and train,
+                epoch_length=source.epoch_length if train else None,
+            )
+        if source.kind == "instruct":
+            if source.image_root is None:
+                raise ValueError(f"instruct source {source.path} needs image_root")
+            return InstructionDataset(source.path, source.image_root, self.encoder)
+        raise ValueError(f"unknown source kind {source.kind!r}: use 'captions' or 'instruct'")
+
+    def _loader(self, sources: list[SourceConfig], train: bool) -> DataLoader:
+        if self.encoder is None:
+            self.setup()
+        datasets = [self._build(s, train) for s in sources]
+        if len(datasets) > 1:
+            if not self.mixture_epoch_length:
+                raise ValueError(
+                    "mixing several sources needs mixture_epoch_length (samples per rank per epoch)"
+                )
+            dataset: Dataset | IterableDataset = WeightedMixture(
+                datasets, [s.weight for s in sources], self.mixture_epoch_length, seed=self.seed
+            )
+        else:
+            dataset = datasets[0]
+        if self.trainer is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.trainer.current_epoch)
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and not iterable,
+            num_workers=self.num_workers,
+            collate_fn=self.collator,
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_sources, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_sources, train=False) if self.val_sources else []
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:
+            epoch = self.trainer.current_epoch
+            if self._epoch is not None and epoch != self._epoch:
+                self._report()
+            self._epoch = epoch
+            self.count(batch)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.seen:
+            self._report()
+
+    def _report(self) -> None:
+        """Log the finished epoch's counts (python logging and the trainer's logger)."""
+        summary = self.epoch_summary()
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None:
+            metrics = {f"data/{k}": float(v) for k, v in summary.items()}
+            metrics["data/epoch"] = float(self._epoch or 0)
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def count(self, batch: dict) -> None:
+        """Add a batch's kept and skipped samples to the epoch's counters."""
+        skipped = batch.get("skipped") or {}
+        self.seen += len(batch["input_ids"]) + sum(skipped.values())
+        self.skipped.update(skipped)
+
+    def epoch_summary(self) -> dict[str, int]:
+        """Samples seen and skipped per reason since the last call (logged, then reset)."""
+        summary = {"samples_seen": self.seen, **{f"skipped/{k}": v for k, v in sorted(self.skipped.items())}}
+        if self.skipped:
+            log.warning("data: %d samples seen, skipped %s", self.seen, dict(self.skipped))
+        else:
+            log.info("data: %d samples seen, none skipped", self.seen)
+        self.seen, self.skipped = 0, Counter()
+        return summary

@@ -1,0 +1,89 @@
+"""Instruction JSON (LLaVA-Instruct-158K, llava_v1_5_mix665k, LCS-558K, ScienceQA-converted) as a map-style dataset.
+
+The JSON is parsed once per process into a compact index: every record re-serialised into one
+`bytes` buffer plus a numpy offset array (and per-record image counts). Forked DataLoader workers
+share those pages copy-on-write without touching per-record Python objects (a list of dicts would
+be copied page by page into every worker as refcounts change), and spawned workers receive two
+flat buffers. Records may have no image (text-only), one (`"image": "a.jpg"`) or several
+(`"image": ["a.jpg", "b.jpg"]`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .sample import SampleEncoder
+
+log = logging.getLogger(__name__)
+
+
+def image_list(record: dict[str, Any]) -> list[str]:
+    """The record's image paths in order ([] for a text-only record)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+class InstructionIndex:
+    """A compact, read-only view of a LLaVA-format JSON list."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"instruction JSON {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); expected a list of LLaVA records") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        chunks, offsets, images = [], [0], []
+        for record in records:
+            blob = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            chunks.append(blob)
+            offsets.append(offsets[-1] + len(blob))
+            images.append(len(image_list(record)) if isinstance(record, dict) else 0)
+        del records
+        self.buffer = b"".join(chunks)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.num_images = np.asarray(images, dtype=np.int16)
+        log.info("indexed %d records of %s (%.1f MB)", len(self), path, len(self.buffer) / 1e6)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Any:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return json.loads(self.buffer[start:end])
+
+
+class InstructionDataset(Dataset):
+    """Encoded samples of an instruction JSON; images are read from `image_root`."""
+
+    def __init__(self, index: InstructionIndex | str | Path, image_root: str | Path, encoder: SampleEncoder):
+        self.index = index if isinstance(index, InstructionIndex) else InstructionIndex(index)
+        self.image_root = Path(image_root)
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self.index[i]
+        where = f"{self.index.path}[{i}]"
+        if not isinstance(record, dict) or "conversations" not in record:
+            return self.encoder._fail("malformed_record", where, "record needs a 'conversations' list")
+        where += f" id={record.get('id')}"
+        try:
+            paths = [self.image_root / p for p in image_list(record)]
+        except TypeError:
+            return self.encoder._fail("malformed_record", where, "'image' must be a path or a list of paths")
+        return self.encoder(record["conversations"], paths, where)

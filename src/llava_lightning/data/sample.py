@@ -1,0 +1,85 @@
+"""Turning one raw record (conversation + image sources) into model inputs, or a counted skip.
+
+`SampleEncoder` is the one place where a record meets the template, the tokenizer and the image
+transform; both the caption shards and the instruction JSON use it. A record that cannot be used
+becomes a `skip(reason, where)` marker (or, in strict mode, an exception naming the record), which
+the collator counts and drops: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .image import ImageDecodeError, ImageTransform, decode_image
+from .templates import SampleError, get_template
+
+log = logging.getLogger(__name__)
+
+SKIP = "__skipped__"
+
+
+def skip(reason: str, where: str, detail: str = "") -> dict[str, str]:
+    """A marker the collator counts under `reason`; `where` names the record (file / key / index)."""
+    log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+    return {SKIP: reason, "where": where}
+
+
+class StrictModeError(RuntimeError):
+    """Raised instead of a skip when the data module runs with `strict: true`."""
+
+
+@dataclass
+class SampleEncoder:
+    """Encodes records for one template / tokenizer / image transform (picklable for workers)."""
+
+    template: str
+    tokenizer: Any
+    transform: ImageTransform
+    num_image_tokens: int
+    max_length: int = 2048
+    strict: bool = False
+    uint8_pixels: bool = False
+    """Ship uint8 pixels (normalized later by `LlavaModel`, on its device) instead of float32."""
+
+    def __post_init__(self):
+        self._template = get_template(self.template)
+        self._dtype = torch.uint8 if self.uint8_pixels else torch.float32
+
+    def __call__(self, conversations: Any, images: list[Any], where: str) -> dict[str, Any]:
+        """`images` are encoded bytes or paths, in the order of the `<image>` placeholders."""
+        try:
+            if not isinstance(conversations, list):
+                raise SampleError("malformed_record", "'conversations' is not a list of turns")
+            enc = self._template.encode(
+                conversations,
+                self.tokenizer,
+                self.num_image_tokens,
+                max_length=self.max_length,
+                num_images=len(images),
+            )
+            to_tensor = self.transform.to_uint8 if self.uint8_pixels else self.transform
+            pixels = [to_tensor(decode_image(src, target_size=self.transform.size)) for src in images]
+        except SampleError as err:
+            return self._fail(err.reason, where, str(err))
+        except (ImageDecodeError, OSError) as err:
+            reason = "missing_image" if isinstance(err, FileNotFoundError) else "bad_image"
+            return self._fail(reason, where, str(err))
+        size = self.transform.size
+        return {
+            "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+            "labels": torch.tensor(enc["labels"], dtype=torch.long),
+            "pixel_values": torch.stack(pixels)
+            if pixels
+            else torch.empty(0, 3, size, size, dtype=self._dtype),
+        }
+
+    def _fail(self, reason: str, where: str, detail: str) -> dict[str, str]:
+        if self.strict:
+            raise StrictModeError(
+                f"{where}: {detail} (strict mode; set strict: false to skip and count such samples)"
+            )
+        return skip(reason, where, detail)

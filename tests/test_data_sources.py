@@ -1,0 +1,346 @@
+"""Data sources: caption shards, instruction JSON, mixture, collator and the data module, with skips counted."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from llava_lightning import LlavaModel
+from llava_lightning.data.captions import CaptionShards, expand_urls
+from llava_lightning.data.collate import LlavaCollator
+from llava_lightning.data.datamodule import LlavaDataModule, SourceConfig
+from llava_lightning.data.image import ImageTransform
+from llava_lightning.data.instruct import InstructionDataset, InstructionIndex
+from llava_lightning.data.mixture import WeightedMixture
+from llava_lightning.data.sample import SKIP, SampleEncoder, StrictModeError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlavaModel.from_preset("tiny")
+
+
+def _encoder(model, template="plain", strict=False, max_length=256):
+    return SampleEncoder(
+        template=template,
+        tokenizer=model.tokenizer,
+        transform=ImageTransform.from_tower(model.vision_tower),
+        num_image_tokens=model.vision_tower.num_tokens,
+        max_length=max_length,
+        strict=strict,
+    )
+
+
+def _image_bytes(seed, fmt="JPEG", size=(40, 30)):
+    arr = np.random.RandomState(seed).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_shard(path, samples, truncate_at=None):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path.write_bytes(data[:truncate_at] if truncate_at else data)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """3 good shards of 5 samples (jpg/png/webp) + one shard with a corrupt image and a caption-less sample."""
+    root = tmp_path_factory.mktemp("shards")
+    fmts = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
+    n = 0
+    for s in range(3):
+        samples = []
+        for _ in range(5):
+            ext, fmt = fmts[n % 3]
+            meta = json.dumps({"key": f"{n:09d}"}).encode()
+            samples.append(
+                (f"{n:09d}", {ext: _image_bytes(n, fmt), "txt": f"caption {n}".encode(), "json": meta})
+            )
+            n += 1
+        _write_shard(root / f"shard-{s:05d}.tar", samples)
+    bad = [
+        ("900000000", {"jpg": b"not an image", "txt": b"broken"}),
+        ("900000001", {"jpg": _image_bytes(1)}),
+        ("900000002", {"jpg": _image_bytes(2), "txt": b"fine"}),
+    ]
+    _write_shard(root / "shard-00003.tar", bad)
+    return root
+
+
+def _drain(dataset, workers=0, batch_size=4, model=None):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=LlavaCollator(0))
+    captions, skipped = [], Counter()
+    for batch in loader:
+        skipped.update(batch["skipped"])
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            captions.append(model.tokenizer.decode(ids[labels != -100]).strip() if model else None)
+    return captions, skipped
+
+
+def test_caption_shards_cover_every_sample_once_and_count_skips(model, shards):
+    urls = str(shards / "shard-{00000..00003}.tar")
+    assert len(expand_urls(urls)) == 4
+    ds = CaptionShards(urls, _encoder(model), shuffle_buffer=4, seed=1)
+    captions, skipped = _drain(ds, workers=2, model=model)
+    expected = [f"caption {i}" for i in range(15)] + ["fine"]
+    assert sorted(captions) == sorted(expected)
+    assert skipped == {"bad_image": 1, "malformed_record": 1}
+
+
+def test_truncated_tar_is_a_counted_skip_and_the_stream_goes_on(model, shards, tmp_path):
+    good = (shards / "shard-00000.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(good[: len(good) // 2 + 100])
+    (tmp_path / "b.tar").write_bytes((shards / "shard-00001.tar").read_bytes())
+    ds = CaptionShards(
+        [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
+        _encoder(model),
+        shuffle_shards=False,
+        shuffle_buffer=0,
+    )
+    captions, skipped = _drain(ds, model=model)
+    assert skipped["bad_shard"] == 1
+    assert {f"caption {i}" for i in range(5, 10)} <= set(captions)
+
+
+def test_pipe_file_and_fsspec_urls(model, shards):
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/mem/shard.tar", (shards / "shard-00002.tar").read_bytes())
+    for url in [
+        f"pipe:cat {shards}/shard-00002.tar",
+        f"file://{shards}/shard-00002.tar",
+        "memory:///mem/shard.tar",
+    ]:
+        captions, _ = _drain(CaptionShards(url, _encoder(model), shuffle_buffer=0), model=model)
+        assert sorted(captions) == [f"caption {i}" for i in range(10, 15)], url
+
+
+def test_resampled_mode_has_a_fixed_epoch_length(model, shards):
+    ds = CaptionShards(
+        str(shards / "shard-{00000..00002}.tar"), _encoder(model), resampled=True, epoch_length=11
+    )
+    captions, skipped = _drain(ds, workers=2, model=model)
+    assert len(captions) + sum(skipped.values()) == 11
+    with pytest.raises(ValueError, match="epoch_length"):
+        CaptionShards(str(shards / "shard-00000.tar"), _encoder(model), resampled=True)
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instruct")
+    (root / "images").mkdir()
+    for i in range(3):
+        (root / "images" / f"{i}.jpg").write_bytes(_image_bytes(i))
+    (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    q = lambda text: {"from": "human", "value": text}  # noqa: E731
+    a = lambda text: {"from": "gpt", "value": text}  # noqa: E731
+    records = [
+        {
+            "id": "one",
+            "image": "images/0.jpg",
+            "conversations": [q("<image>\nColour?"), a("Red."), q("Shape?"), a("Circle.")],
+        },
+        {
+            "id": "two",
+            "image": ["images/1.jpg", "images/2.jpg"],
+            "conversations": [q("<image>\n<image>\nSame?"), a("No.")],
+        },
+        {"id": "text", "conversations": [q("How many sides has a triangle?"), a("Three.")]},
+        {"id": "missing", "image": "images/nope.jpg", "conversations": [q("<image>\nColour?"), a("Blue.")]},
+        {
+            "id": "corrupt",
+            "image": "images/corrupt.jpg",
+            "conversations": [q("<image>\nColour?"), a("Blue.")],
+        },
+        {"id": "order", "conversations": [a("Hi."), q("Hello?")]},
+        {"id": "count", "image": "images/0.jpg", "conversations": [q("No placeholder"), a("Hm.")]},
+        {"id": "nofield"},
+    ]
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_instruction_json_index_is_compact_and_samples_encode(model, instruct):
+    index = InstructionIndex(instruct)
+    assert len(index) == 8 and isinstance(index.buffer, bytes) and index.offsets.dtype == np.int64
+    assert list(index.num_images) == [1, 2, 0, 1, 1, 0, 1, 0]
+    ds = InstructionDataset(index, instruct.parent, _encoder(model, "vicuna_v1"))
+    one, two, text = ds[0], ds[1], ds[2]
+    assert one["pixel_values"].shape == (1, 3, 64, 64) and two["pixel_values"].shape[0] == 2
+    assert text["pixel_values"].shape[0] == 0
+    image_id = model.image_token_id
+    assert int((two["input_ids"] == image_id).sum()) == 2 * model.vision_tower.num_tokens
+    reasons = [ds[i].get(SKIP) for i in range(3, 8)]
+    assert reasons == [
+        "missing_image",
+        "bad_image",
+        "bad_turn_order",
+        "image_count_mismatch",
+        "malformed_record",
+    ]
+    assert "id=missing" in ds[3]["where"]
+
+
+def test_strict_mode_raises_naming_the_record(model, instruct):
+    ds = InstructionDataset(instruct, instruct.parent, _encoder(model, "vicuna_v1", strict=True))
+    with pytest.raises(StrictModeError, match=r"data.json\[3\] id=missing"):
+        ds[3]
+
+
+def test_collator_pads_right_and_batches_mixed_images(model, instruct):
+    ds = InstructionDataset(instruct, instruct.parent, _encoder(model, "vicuna_v1"))
+    batch = LlavaCollator(pad_token_id=model.tokenizer.pad_token_id)([ds[i] for i in range(5)])
+    assert batch["skipped"] == {"missing_image": 1, "bad_image": 1}
+    assert batch["num_images"].tolist() == [1, 2, 0]
+    assert batch["pixel_values"].shape[0] == 3
+    lengths = batch["attention_mask"].sum(1)
+    for i, n in enumerate(lengths):
+        assert (batch["input_ids"][i, n:] == model.tokenizer.pad_token_id).all()
+        assert (batch["labels"][i, n:] == -100).all()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    assert torch.isfinite(out.loss)
+    text_only = LlavaCollator(0)([ds[2]])
+    assert text_only["pixel_values"] is None
+
+
+def test_weighted_mixture_has_exact_length_and_follows_weights(model, instruct, shards):
+    captions = CaptionShards(
+        str(shards / "shard-{00000..00002}.tar"), _encoder(model), resampled=True, epoch_length=10**6
+    )
+    index = InstructionDataset(instruct, instruct.parent, _encoder(model))
+    mix = WeightedMixture([captions, index], [3.0, 1.0], epoch_length=200, seed=0)
+
+    def kind(sample):
+        if SKIP in sample:
+            return "skip"
+        text = model.tokenizer.decode(sample["input_ids"][sample["labels"] != -100])
+        return "caption" if text.startswith("caption") else "instruct"
+
+    kinds = Counter(kind(s) for s in mix)
+    assert sum(kinds.values()) == 200 and kinds["instruct"] > 0
+    assert 0.6 < kinds["caption"] / 200 < 0.9
+
+
+def test_datamodule_takes_settings_from_the_model_and_counts(model, instruct, shards):
+    dm = LlavaDataModule(
+        train=[SourceConfig(kind="instruct", path=str(instruct), image_root=str(instruct.parent))],
+        val=[SourceConfig(kind="captions", path=str(shards / "shard-{00000..00003}.tar"))],
+        template="vicuna_v1",
+        batch_size=4,
+        num_workers=0,
+    )
+    dm.connect(model)
+    assert dm.encoder.transform.size == model.vision_tower.image_size
+    assert dm.encoder.num_image_tokens == model.vision_tower.num_tokens
+    for batch in dm.train_dataloader():
+        dm.count(batch)
+        if len(batch["input_ids"]):
+            model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    summary = dm.epoch_summary()
+    assert summary["samples_seen"] == 8
+    assert summary["skipped/missing_image"] == 1 and summary["skipped/malformed_record"] == 1
+    assert sum(v for k, v in summary.items() if k.startswith("skipped/")) == 5
+    assert dm.epoch_summary()["samples_seen"] == 0
+    val = list(dm.val_dataloader())
+    assert sum(len(b["input_ids"]) for b in val) == 16
+
+
+def test_uint8_pixels_normalised_by_the_model_equal_the_float_transform(model, instruct):
+    ds_float = InstructionDataset(instruct, instruct.parent, _encoder(model, "vicuna_v1"))
+    enc8 = _encoder(model, "vicuna_v1")
+    enc8.uint8_pixels = True
+    enc8.__post_init__()
+    ds_uint8 = InstructionDataset(instruct, instruct.parent, enc8)
+    raw = ds_uint8[1]["pixel_values"]
+    assert raw.dtype == torch.uint8 and raw.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(model.normalize_pixels(raw), ds_float[1]["pixel_values"], rtol=1e-5, atol=1e-5)
+
+
+def test_datamodule_parses_from_yaml_with_typed_sources():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LlavaDataModule, "data")
+    cfg = parser.parse_string(
+        "data:\n"
+        "  train:\n"
+        "    - {kind: captions, path: 'shards/shard-{00000..00009}.tar', resampled: true, epoch_length: 1000}\n"
+        "  template: plain\n"
+        "  batch_size: 32\n"
+        "  strict: true\n"
+    )
+    init = parser.instantiate_classes(cfg)
+    dm = init.data
+    assert dm.batch_size == 32 and dm.strict and dm.template == "plain"
+    assert isinstance(dm.train_sources[0], SourceConfig) and dm.train_sources[0].epoch_length == 1000
+    with pytest.raises(Exception, match="captions"):
+        parser.parse_string("data:\n  train:\n    - {kind: parquet, path: x}\n")
+
+
+def test_trainer_run_logs_seen_and_skipped_per_epoch(model, instruct, tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    class Recorder(Logger):
+        name, version = "rec", 0
+        rows = []
+
+        @property
+        def experiment(self):
+            return None
+
+        def log_metrics(self, metrics, step=None):
+            if "data/samples_seen" in metrics:
+                self.rows.append(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, idx):
+            return self.model(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+            ).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.multi_modal_projector.parameters(), lr=0.0)
+
+    dm = LlavaDataModule(
+        train=[SourceConfig(kind="instruct", path=str(instruct), image_root=str(instruct.parent))],
+        template="vicuna_v1",
+        batch_size=8,
+        num_workers=0,
+    )
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=recorder,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    trainer.fit(Lit(), datamodule=dm)
+    assert [r["data/epoch"] for r in recorder.rows] == [0.0, 1.0]
+    for row in recorder.rows:
+        assert row["data/samples_seen"] == 8
+        assert row["data/skipped/missing_image"] == 1 and row["data/skipped/bad_turn_order"] == 1
