@@ -284,7 +284,7 @@ def test_datamodule_parses_from_yaml_with_typed_sources():
         "  batch_size: 32\n"
         "  strict: true\n"
     )
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     dm = init.data
     assert dm.batch_size == 32 and dm.strict and dm.template == "plain"
     assert isinstance(dm.train_sources[0], SourceConfig) and dm.train_sources[0].epoch_length == 1000
