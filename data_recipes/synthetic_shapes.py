@@ -3,12 +3,15 @@
 Every image is a plain light background with 1-3 coloured shapes, each in its own cell of a
 3x3 grid. Because every shape in an image has a distinct type *and* a distinct colour, every
 question asked about an image has exactly one short, deterministic answer that a tiny model
-can learn. The recipe writes three datasets plus a manifest:
+can learn. The recipe writes four datasets plus a manifest:
 
 - ``DIR/captions/shard-00000.tar ...``: img2dataset-style webdataset shards (stage 1), per
   sample ``{key}.jpg``, ``{key}.txt`` (caption) and ``{key}.json`` (metadata).
 - ``DIR/instruct/llava_instruct.json`` + ``DIR/instruct/images/``: LLaVA instruction data
   (stage 2): single-image, two-image (about 10%) and text-only (about 10%) conversations.
+- ``DIR/instruct/mc_train.json`` (images ``instruct/images/mc-*.jpg``): multiple-choice
+  questions in the eval format, for training (LLaVA-1.5's mix has such "answer with the
+  option's letter" data too), from a stream of their own: no image is shared with the eval set.
 - ``DIR/eval/scienceqa_style.json`` + ``DIR/eval/images/``: a held-out multiple-choice set in
   the record format of ``scienceqa_to_llava.py`` (``id``, ``image``, ``conversations``,
   ``answer_letter``, ``options``), drawn from its own random stream.
@@ -67,7 +70,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
-STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL = 1, 2, 3
+STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -463,11 +466,20 @@ def _mc_item(rng: np.random.Generator, scene: Scene) -> tuple[str, str, list[str
     return f"Where is the {sh.colour} {sh.shape}?", sh.position, [p for p in POSITIONS if p != sh.position]
 
 
-def write_eval(out: Path, seed: int, n: int, image_size: int) -> dict[str, int]:
-    """Write the held-out multiple-choice set; returns the answer-letter histogram."""
+def write_eval(
+    out: Path,
+    seed: int,
+    n: int,
+    image_size: int,
+    stream: int = STREAM_EVAL,
+    json_name: str = "scienceqa_style.json",
+    prefix: str = "",
+) -> dict[str, int]:
+    """Write a multiple-choice set (the held-out eval, or with another stream a training split in
+    the same format); returns the answer-letter histogram."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    rng = rng_for(seed, STREAM_EVAL)
+    rng = rng_for(seed, stream)
     records: list[dict[str, Any]] = []
     letters: dict[str, int] = {}
     for i in range(n):
@@ -479,11 +491,11 @@ def write_eval(out: Path, seed: int, n: int, image_size: int) -> dict[str, int]:
         options = [options[int(j)] for j in rng.permutation(n_options)]
         letter = chr(ord("A") + options.index(correct))
         letters[letter] = letters.get(letter, 0) + 1
-        name = f"{i:06d}.jpg"
+        name = f"{prefix}{i:06d}.jpg"
         (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
         records.append(
             {
-                "id": f"shapes-eval-{i:06d}",
+                "id": f"shapes-{prefix or 'eval-'}{i:06d}",
                 "image": f"images/{name}",
                 "conversations": [
                     _human(multiple_choice_prompt(question, options), 1, True),
@@ -493,7 +505,7 @@ def write_eval(out: Path, seed: int, n: int, image_size: int) -> dict[str, int]:
                 "options": options,
             }
         )
-    write_json(out / "scienceqa_style.json", records)
+    write_json(out / json_name, records)
     return dict(sorted(letters.items()))
 
 
@@ -508,6 +520,7 @@ def generate(
     n_eval: int = 200,
     image_size: int = 96,
     shard_size: int = 200,
+    n_mc_train: int = 2000,
 ) -> dict[str, Any]:
     """Write the whole dataset under ``out``; returns the manifest."""
     if image_size < 24:
@@ -517,6 +530,10 @@ def generate(
     log.info("captions: %d samples in %d shards", n_captions, n_shards)
     instruct = write_instruct(out / "instruct", seed, n_instruct, image_size)
     log.info("instruct: %s", instruct)
+    mc_letters = write_eval(
+        out / "instruct", seed, n_mc_train, image_size, STREAM_MC_TRAIN, "mc_train.json", "mc-"
+    )
+    log.info("multiple-choice training split: %d questions, answer letters %s", n_mc_train, mc_letters)
     letters = write_eval(out / "eval", seed, n_eval, image_size)
     log.info("eval: %d questions, answer letters %s", n_eval, letters)
     manifest = {
@@ -536,6 +553,12 @@ def generate(
             "text_only": instruct["text_only"],
             "images": instruct["images"],
             "json": "instruct/llava_instruct.json",
+            "image_root": "instruct",
+        },
+        "mc_train": {
+            "samples": n_mc_train,
+            "answer_letters": mc_letters,
+            "json": "instruct/mc_train.json",
             "image_root": "instruct",
         },
         "eval": {
@@ -559,10 +582,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-captions", type=int, default=2000)
     p.add_argument("--n-instruct", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument(
+        "--n-mc-train", type=int, default=2000, help="multiple-choice training questions (eval format)"
+    )
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=200, help="caption samples per tar shard")
     args = p.parse_args(None if argv is None else list(argv))
-    for name in ("n_captions", "n_instruct", "n_eval"):
+    for name in ("n_captions", "n_instruct", "n_eval", "n_mc_train"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -573,7 +599,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     m = generate(
-        args.out, args.seed, args.n_captions, args.n_instruct, args.n_eval, args.image_size, args.shard_size
+        args.out,
+        args.seed,
+        args.n_captions,
+        args.n_instruct,
+        args.n_eval,
+        args.image_size,
+        args.shard_size,
+        args.n_mc_train,
     )
     elapsed = time.perf_counter() - start
     print(

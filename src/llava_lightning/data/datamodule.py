@@ -22,8 +22,23 @@ from .image import ImageTransform
 from .instruct import InstructionDataset
 from .mixture import WeightedMixture
 from .sample import SampleEncoder
+from .sampler import EpochSampler, ResumableDataLoader
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSettings:
+    """What the data needs from the model's vision tower (filled by the CLI link, not by hand)."""
+
+    size: int
+    """Square input size in pixels."""
+    mean: list[float]
+    """Normalization mean (RGB)."""
+    std: list[float]
+    """Normalization std (RGB)."""
+    num_image_tokens: int
+    """Image-token ids per image."""
 
 
 @dataclass
@@ -44,13 +59,23 @@ class SourceConfig:
     """Captions: samples per rank per epoch (required with resampled)."""
 
 
+def _for_stage(sources, stage: str | None, what: str) -> list[SourceConfig]:
+    if not isinstance(sources, dict):
+        return list(sources)
+    if stage not in sources:
+        raise ValueError(
+            f"data.{what} is keyed by stage ({', '.join(sources)}) but the model's stage is {stage!r}"
+        )
+    return list(sources[stage])
+
+
 class LlavaDataModule(L.LightningDataModule):
     """Caption shards and instruction JSON for LLaVA training, with skip accounting."""
 
     def __init__(
         self,
-        train: list[SourceConfig],
-        val: list[SourceConfig] | None = None,
+        train: list[SourceConfig] | dict[str, list[SourceConfig]],
+        val: list[SourceConfig] | dict[str, list[SourceConfig]] | None = None,
         template: str = "vicuna_v1",
         batch_size: int = 16,
         num_workers: int = 4,
@@ -61,11 +86,15 @@ class LlavaDataModule(L.LightningDataModule):
         seed: int = 0,
         strict: bool = False,
         uint8_pixels: bool = True,
+        tokenizer: Any = None,
+        image_settings: ImageSettings | None = None,
+        stage: str | None = None,
     ):
         """
         Args:
-            train: Training sources (one, or several mixed by weight).
-            val: Validation sources (read in order, no shuffling).
+            train: Training sources (one, or several mixed by weight), or such lists keyed by model stage
+                (`align`, `finetune`, ...): one overlay (conf/tiny.yaml) then serves every stage.
+            val: Validation sources (read in order, no shuffling), a list or keyed by stage like `train`.
             template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto).
             batch_size: Samples per device per step (skipped samples make a batch smaller).
             num_workers: DataLoader worker processes per device.
@@ -76,10 +105,15 @@ class LlavaDataModule(L.LightningDataModule):
             seed: Seed for shard order, shuffling and mixing.
             strict: Raise on the first bad sample instead of skipping and counting it.
             uint8_pixels: Ship uint8 pixels from workers; the model normalizes them on its device.
+            tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
+            image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
+            stage: The model's training stage (linked by the CLI); picks `train` / `val` when keyed by stage.
         """
         super().__init__()
-        self.save_hyperparameters(logger=False)
-        self.train_sources, self.val_sources = list(train), list(val or [])
+        self.save_hyperparameters(logger=False, ignore=["tokenizer"])
+        self.stage = stage
+        self.train_sources = _for_stage(train, stage, "train")
+        self.val_sources = _for_stage(val or [], stage, "val")
         self.template, self.batch_size, self.num_workers = template, batch_size, num_workers
         self.max_length, self.image_aspect, self.shuffle_buffer = max_length, image_aspect, shuffle_buffer
         self.mixture_epoch_length, self.seed, self.strict = mixture_epoch_length, seed, strict
@@ -89,20 +123,32 @@ class LlavaDataModule(L.LightningDataModule):
         self.seen = 0
         self.skipped: Counter[str] = Counter()
         self._epoch: int | None = None
+        self._iterables: list[IterableDataset] = []
+        if tokenizer is not None and image_settings is not None:
+            self._connect(tokenizer, image_settings)
 
     def connect(self, model: Any) -> None:
         """Take tokenizer, image settings and image-token count from a `LlavaModel`."""
-        transform = ImageTransform.from_tower(model.vision_tower, aspect=self.image_aspect)
+        tower = model.vision_tower
+        settings = ImageSettings(
+            tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens
+        )
+        self._connect(model.tokenizer, settings)
+
+    def _connect(self, tokenizer: Any, settings: ImageSettings | dict) -> None:
+        if isinstance(settings, dict):
+            settings = ImageSettings(**settings)
+        transform = ImageTransform(settings.size, settings.mean, settings.std, aspect=self.image_aspect)
         self.encoder = SampleEncoder(
             template=self.template,
-            tokenizer=model.tokenizer,
+            tokenizer=tokenizer,
             transform=transform,
-            num_image_tokens=model.vision_tower.num_tokens,
+            num_image_tokens=settings.num_image_tokens,
             max_length=self.max_length,
             strict=self.strict,
             uint8_pixels=self.uint8_pixels,
         )
-        self.collator = LlavaCollator(pad_token_id=model.tokenizer.pad_token_id)
+        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id)
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is None:
@@ -141,18 +187,21 @@ class LlavaDataModule(L.LightningDataModule):
             )
         else:
             dataset = datasets[0]
-        if self.trainer is not None and hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.trainer.current_epoch)
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train and not iterable,
-            num_workers=self.num_workers,
-            collate_fn=self.collator,
-            persistent_workers=False,
-            drop_last=False,
-        )
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        common = {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collator}
+        if isinstance(dataset, IterableDataset):
+            dataset.set_epoch(epoch)
+            if train:
+                self._iterables.append(dataset)
+            return DataLoader(dataset, **common)
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
+        sampler.set_epoch(epoch)
+        return ResumableDataLoader(dataset, sampler, **common)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell streamed training sources the epoch (samplers get it from Lightning itself)."""
+        for dataset in self._iterables:
+            dataset.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_sources, train=True)

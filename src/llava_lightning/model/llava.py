@@ -135,19 +135,31 @@ class LlavaModel(nn.Module):
         std = torch.tensor(tower.image_std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings with image features scattered over the image-token positions."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings with image features scattered over the image-token positions.
+
+        `vision_features` (the tower's output, e.g. computed without a graph for a frozen tower)
+        replace `pixel_values`; the projector runs on them here.
+        """
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
         n_tokens = int(image_mask.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if vision_features is not None:
+            features = self.multi_modal_projector(vision_features)
+        elif pixel_values is None or pixel_values.shape[0] == 0:
             if n_tokens:
                 raise ValueError(
                     f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids "
                     "but no pixel_values were given"
                 )
             return embeds
-        features = self.get_image_features(pixel_values)
+        else:
+            features = self.get_image_features(pixel_values)
         n_features = features.shape[0] * features.shape[1]
         if n_tokens != n_features:
             raise ValueError(
@@ -166,6 +178,7 @@ class LlavaModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
+        vision_features: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> LlavaOutput:
         """Loss (mean over tokens with label != -100, next-token shifted) and logits.
@@ -173,7 +186,7 @@ class LlavaModel(nn.Module):
         With `return_logits=False` and labels, the LM head runs only on supervised positions (the
         training path: image and prompt positions need no vocabulary projection).
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, vision_features)
         lm = self.language_model
         shortcut = labels is not None and not return_logits and not _has_logit_postprocessing(lm.config)
         if not shortcut:
@@ -192,9 +205,28 @@ class LlavaModel(nn.Module):
         loss, loss_sum, count = _shifted_ce(out[0], labels, lm.get_output_embeddings())
         return LlavaOutput(loss=loss, loss_sum=loss_sum, num_supervised=count, cache=_cache_of(out))
 
+    # ----------------------------------------------------------------------------- generation
+    def generate(self, images, prompts, **kwargs: Any) -> list[str]:
+        """Replies to `prompts`, one per prompt (see `generation.generate` for the arguments)."""
+        from .generation import generate
+
+        return generate(self, images, prompts, **kwargs)
+
+    def generate_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ):
+        """New token ids for left-padded prompts (see `generation.generate_ids`)."""
+        from .generation import generate_ids
+
+        return generate_ids(self, input_ids, attention_mask, **kwargs)
+
 
 def _cache_of(out) -> Any:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    # Item access, not attributes: transformers 5 keeps a deprecated `past_key_values` property that warns.
+    if not hasattr(out, "get"):
+        return None
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):

@@ -1,0 +1,81 @@
+"""Resumable, rank-aware sampling for map-style data (instruction JSON).
+
+`EpochSampler` draws one permutation per epoch from (seed, epoch), shared by all ranks, and gives
+each rank an equal share (padding by wrap-around so every rank runs the same number of steps, as
+`DistributedSampler` does). `ResumableDataLoader` counts the batches it has handed out; Lightning
+stores that in checkpoints (the loader is "stateful") and, on resume, the sampler starts after the
+samples already consumed, so a resumed run sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .splitting import rank_and_world
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffled (or ordered) indices for this rank, for the current epoch, from an offset.
+
+    Subclasses `DistributedSampler` only so that Lightning recognises it as rank-aware and does
+    not wrap it again; it keeps its own state and does not call `DistributedSampler.__init__`
+    (which needs an initialised process group at construction time).
+    """
+
+    def __init__(self, length: int, shuffle: bool = True, seed: int = 0):  # noqa: D107
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.epoch, self.start = 0, 0
+        self.rank, self.world = rank_and_world()
+
+    def _refresh_rank(self) -> None:
+        # The DataModule may build the sampler before the process group exists (Lightning sets it up
+        # later), so rank and world size are read again each pass.
+        self.rank, self.world = rank_and_world()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        # The full per-rank count even when resuming mid-epoch: Lightning keeps its own batch index.
+        self._refresh_rank()
+        return -(-self.length // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        self._refresh_rank()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        per_rank = -(-self.length // self.world)
+        order += order[: per_rank * self.world - self.length]  # wrap so every rank gets per_rank
+        mine = order[self.rank :: self.world]
+        start, self.start = self.start, 0  # an offset applies to one pass only
+        return iter(mine[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an `EpochSampler` whose position survives a checkpoint."""
+
+    def __init__(self, dataset, sampler: EpochSampler, **kwargs: Any):
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._epoch_sampler = sampler
+        self._consumed = 0
+
+    def __iter__(self):
+        self._consumed = self._epoch_sampler.start // (self.batch_size or 1)
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+        self._consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch_sampler.epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch_sampler.set_epoch(state["epoch"])
+        self._epoch_sampler.start = state["batches"] * (self.batch_size or 1)

@@ -1,0 +1,354 @@
+"""`LlavaLitModule`: the LightningModule that trains a `LlavaModel` through LLaVA's stages.
+
+Stages are explicit methods that set `requires_grad` and log a table of trainable and frozen
+parameters: `align` (projector only, stage 1), `finetune` (projector + LLM, stage 2), `full`
+(everything), `lora` (LoRA adapters on the LLM through peft, projector fully trained), each with
+an option to unfreeze the last k vision blocks. Frozen parts stay in eval mode, and a frozen
+vision tower runs without building a graph.
+
+The loss of an optimizer step is the mean over all its supervised tokens: micro-batches return
+summed token losses, and `on_before_optimizer_step` divides the accumulated gradients by the
+step's token count (summed over gradient-accumulation micro-batches and ranks), so accumulation
+with uneven lengths gives the gradient of one large batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, SumMetric
+
+from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
+from .training.params import param_groups, param_table
+from .training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["align", "finetune", "full", "lora"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings for the `lora` stage (LLaVA-1.5 LoRA: r 128, alpha 256)."""
+
+    r: int = 128
+    """Adapter rank."""
+    alpha: int = 256
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """LLM module names to adapt, or `all-linear` (every Linear except the LM head)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups and a warmup + cosine schedule."""
+
+    lr: float = 2e-5
+    """Learning rate of the LLM (and of everything without its own rate)."""
+    projector_lr: float | None = None
+    """Projector learning rate; None uses `lr`."""
+    vision_lr: float | None = None
+    """Learning rate of unfrozen vision blocks; None uses `lr`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Linear warmup over this fraction of the total optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of each group's learning rate."""
+
+
+# Checkpoints store these in `hyper_parameters`; allow them under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig])
+
+
+class LlavaLitModule(L.LightningModule):
+    """LLaVA training: stage-specific freezing, token-normalized loss, metrics, projector hand-off."""
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        spec: LlavaSpec | None = None,
+        stage: Stage = "align",
+        unfreeze_vision_blocks: int = 0,
+        optim: OptimConfig = OptimConfig(),  # noqa: B008 (a frozen-by-convention default jsonargparse can show)
+        lora: LoraConfig = LoraConfig(),  # noqa: B008
+        gradient_checkpointing: bool = False,
+        init_projector: str | None = None,
+        projector_artifact: str | None = "projector",
+        template: str = "vicuna_v1",
+        image_aspect: Literal["square", "pad"] = "pad",
+        max_new_tokens: int = 64,
+    ):
+        """
+        Args:
+            preset: Model preset (`tiny`, `llava-1.5-7b`, ...); when set it replaces `spec`.
+            spec: The model: vision tower, projector and language model (used when preset is None).
+            stage: What trains: align (projector), finetune (projector + LLM), full, lora.
+            unfreeze_vision_blocks: Also train the last k vision-tower blocks.
+            optim: Optimizer and schedule settings.
+            lora: LoRA settings (stage lora).
+            gradient_checkpointing: Recompute activations of the trained transformer blocks in backward.
+            init_projector: Projector weights to start from (our .safetensors artifact or LLaVA's mm_projector.bin).
+            projector_artifact: At the end of `align`, write `<name>.safetensors` + `<name>.json` into the
+                run's log directory (None: do not).
+            template: Conversation template for generation / predict (training data has its own).
+            image_aspect: Image aspect handling for generation / predict.
+            max_new_tokens: Generation length for predict.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if preset is None and spec is None:
+            raise ValueError("give the model as `preset` (e.g. tiny, llava-1.5-7b) or as `spec`")
+        self.spec = get_preset(preset) if preset is not None else spec
+        self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
+        self.optim, self.lora_config = optim, lora
+        self.gradient_checkpointing = gradient_checkpointing
+        self.init_projector, self.projector_artifact = init_projector, projector_artifact
+        self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
+        self.model = LlavaModel.from_spec(self.spec)
+        if init_projector:
+            self.model.init_projector_from(init_projector)
+        self.apply_stage()
+        self.train_loss = MeanMetric()
+        self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
+        self._step_tokens = torch.zeros(())
+
+    # ----------------------------------------------------------------------------------- stages
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {
+            "vision_tower": self.model.vision_tower,
+            "multi_modal_projector": self.model.multi_modal_projector,
+            "language_model": self.model.language_model,
+        }
+
+    def apply_stage(self) -> None:
+        """Run the freezing method of `self.stage`, then log the parameter table."""
+        {
+            "align": self.freeze_for_align,
+            "finetune": self.freeze_for_finetune,
+            "full": self.freeze_for_full,
+            "lora": self.freeze_for_lora,
+        }[self.stage]()
+        if self.unfreeze_vision_blocks:
+            self._unfreeze_last_vision_blocks(self.unfreeze_vision_blocks)
+        if self.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        log.info("stage %r parameters:\n%s", self.stage, param_table(self.components()))
+
+    def freeze_for_align(self) -> None:
+        """Stage 1: only the projector trains; vision tower and LLM are frozen."""
+        self.model.requires_grad_(False)
+        self.model.multi_modal_projector.requires_grad_(True)
+
+    def freeze_for_finetune(self) -> None:
+        """Stage 2: projector and LLM train; the vision tower is frozen."""
+        self.model.requires_grad_(False)
+        self.model.multi_modal_projector.requires_grad_(True)
+        self.model.language_model.requires_grad_(True)
+
+    def freeze_for_full(self) -> None:
+        """Everything trains (vision blocks past the deepest feature layer never run and stay frozen)."""
+        self.model.requires_grad_(True)
+        self._refreeze_unused_vision_blocks()
+
+    def freeze_for_lora(self) -> None:
+        """LoRA adapters on the LLM's linear layers (peft); projector fully trained; the rest frozen."""
+        try:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+        except ImportError as err:
+            raise ImportError("stage 'lora' needs peft: pip install 'llava-lightning[lora]'") from err
+        self.model.requires_grad_(False)
+        cfg = PeftLoraConfig(
+            r=self.lora_config.r,
+            lora_alpha=self.lora_config.alpha,
+            lora_dropout=self.lora_config.dropout,
+            target_modules=self.lora_config.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        if not hasattr(self.model.language_model, "peft_config"):
+            self.model.language_model = get_peft_model(self.model.language_model, cfg)
+        self.model.multi_modal_projector.requires_grad_(True)
+
+    def _unfreeze_last_vision_blocks(self, k: int) -> None:
+        blocks = self.model.vision_tower.blocks()
+        for block in blocks[-k:]:
+            block.requires_grad_(True)
+        self._refreeze_unused_vision_blocks()
+
+    def _refreeze_unused_vision_blocks(self) -> None:
+        tower = self.model.vision_tower
+        used = getattr(tower, "_layers", None)
+        if used is None:
+            return
+        for block in tower.blocks()[max(used) :]:
+            block.requires_grad_(False)
+        # CLIP's post_layernorm only serves the pooled output, which LLaVA never reads.
+        for name, module in tower.named_children():
+            if name == "post_layernorm":
+                module.requires_grad_(False)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        lm = self.model.language_model
+        if any(p.requires_grad for p in lm.parameters()):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tower = self.model.vision_tower
+        if any(p.requires_grad for p in tower.parameters()):
+            if hasattr(tower, "hf_model"):
+                tower.hf_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            elif hasattr(tower, "timm_model"):
+                tower.timm_model.set_grad_checkpointing(True)
+
+    def train(self, mode: bool = True) -> LlavaLitModule:
+        """Trainable parts follow `mode`; fully frozen components stay in eval mode (dropout off)."""
+        super().train(mode)
+        if mode:
+            for module in self.components().values():
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------- steps
+    def forward(self, batch: dict[str, Any], return_logits: bool = False):
+        pixels = batch.get("pixel_values")
+        features = None
+        if pixels is not None and not any(p.requires_grad for p in self.model.vision_tower.parameters()):
+            with torch.no_grad():  # no graph through a frozen tower; the projector runs outside
+                if pixels.dtype == torch.uint8:
+                    pixels = self.model.normalize_pixels(pixels)
+                features, pixels = self.model.vision_tower(pixels), None
+        return self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            pixels,
+            batch["labels"],
+            return_logits=return_logits,
+            vision_features=features,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if batch["input_ids"].numel() == 0:
+            # Every sample of this batch was skipped: a zero loss that still touches every trainable
+            # parameter, so all ranks run the same backward (DDP would wait otherwise).
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        out = self(batch)
+        self._step_tokens = self._step_tokens.to(out.num_supervised.device) + out.num_supervised
+        self.train_loss.update(out.loss.detach(), weight=out.num_supervised.clamp(min=1))
+        # Summed token losses; `on_before_optimizer_step` turns the accumulated gradient into the
+        # step's token mean.
+        return out.loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        tokens = self._step_tokens.to(self.device).float()
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averages over
+        # ranks; undo both and divide by the step's total token count.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self.log("train/tokens", tokens, on_step=True, on_epoch=False)
+        self.log("train/loss", self.train_loss.compute(), on_step=True, on_epoch=False, prog_bar=True)
+        self.train_loss.reset()
+        self._step_tokens = torch.zeros((), device=self.device)
+
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch, return_logits=True)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        predicted = out.logits[:, :-1].argmax(-1)
+        self.val_loss_sum.update(out.loss_sum.detach())
+        self.val_tokens.update(mask.sum())
+        self.val_correct.update(((predicted == labels) & mask).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = self.val_tokens.compute().clamp(min=1)
+        loss = self.val_loss_sum.compute() / tokens
+        self.log_dict(
+            {
+                "val/loss": loss,
+                "val/ppl": torch.exp(loss),
+                "val/accuracy": self.val_correct.compute() / tokens,
+            },
+            prog_bar=True,
+        )
+        for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):
+            metric.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Generate replies for a batch of `{"images": [...], "prompts": [...]}`."""
+        return self.model.generate(
+            batch["images"],
+            batch["prompts"],
+            template=self.template,
+            aspect=self.image_aspect,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    # ----------------------------------------------------------------------------------- optim
+    def configure_optimizers(self):
+        o = self.optim
+        groups = param_groups(
+            {
+                "multi_modal_projector": (self.model.multi_modal_projector, o.projector_lr or o.lr),
+                "vision_tower": (self.model.vision_tower, o.vision_lr or o.lr),
+                "language_model": (self.model.language_model, o.lr),
+            },
+            o.weight_decay,
+        )
+        if not groups:
+            raise ValueError(f"stage {self.stage!r} leaves nothing to train")
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- artifacts
+    def on_train_end(self) -> None:
+        if self.stage == "align" and self.projector_artifact and self.trainer.is_global_zero:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self.save_projector(root / f"{self.projector_artifact}.safetensors")
+
+    def save_projector(self, path: str | Path) -> Path:
+        """Write the projector (safetensors) and a JSON describing it; `init_projector` reads it back."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in self.model.multi_modal_projector.state_dict().items()
+        }
+        save_file(state, str(path))
+        meta = {
+            "projector": self.model.projector_type,
+            "vision": asdict(self.spec.vision),
+            "language": asdict(self.spec.language),
+            "global_step": int(self.global_step),
+        }
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+        log.info("projector artifact written to %s", path)
+        return path

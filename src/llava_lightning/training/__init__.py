@@ -1,0 +1,1 @@
+"""Training helpers: parameter tables and groups, the learning-rate schedule, resumable sampling."""
