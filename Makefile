@@ -26,5 +26,4 @@ bench: install
 	$(PY) -m llava_lightning.bench
 
 demo: install
-	@echo "make demo arrives with the training issue (#4): see README.md"
-	@exit 1
+	$(PY) -m llava_lightning.demo

@@ -44,3 +44,18 @@ def sample_ids(model, images: int, text: int = 12) -> torch.Tensor:
         parts.append(torch.full((model.vision_tower.num_tokens,), model.image_token_id))
     parts.append(torch.randint(3, vocab, (text,)))
     return torch.cat(parts)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small synthetic-shapes dataset (the demo's generator with few samples)."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from data_recipes import synthetic_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    synthetic_shapes.generate(
+        out, seed=0, n_captions=48, n_instruct=48, n_eval=12, shard_size=16, n_mc_train=24
+    )
+    return out

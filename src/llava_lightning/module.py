@@ -183,21 +183,21 @@ class LlavaLitModule(L.LightningModule):
         self.model.multi_modal_projector.requires_grad_(True)
 
     def _unfreeze_last_vision_blocks(self, k: int) -> None:
-        blocks = self.model.vision_tower.blocks()
-        for block in blocks[-k:]:
+        """Train the last k blocks that run (those up to the deepest feature layer)."""
+        tower = self.model.vision_tower
+        for block in tower.blocks()[: tower.blocks_run][-k:]:
             block.requires_grad_(True)
-        self._refreeze_unused_vision_blocks()
 
     def _refreeze_unused_vision_blocks(self) -> None:
         tower = self.model.vision_tower
-        used = getattr(tower, "_layers", None)
-        if used is None:
-            return
-        for block in tower.blocks()[max(used) :]:
+        for block in tower.blocks()[tower.blocks_run :]:
             block.requires_grad_(False)
-        # CLIP's post_layernorm only serves the pooled output, which LLaVA never reads.
-        for name, module in tower.named_children():
-            if name == "post_layernorm":
+        # Parts that only serve the pooled / classifier output, which LLaVA never reads: CLIP's and
+        # SigLIP's post_layernorm and pooling head, timm's final norm, fc_norm, attention pool, head.
+        root = getattr(tower, "timm_model", tower)
+        for name in ("post_layernorm", "head", "norm", "fc_norm", "attn_pool"):
+            module = getattr(root, name, None)
+            if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
 
     def _enable_gradient_checkpointing(self) -> None:
@@ -323,7 +323,14 @@ class LlavaLitModule(L.LightningModule):
         if not groups:
             raise ValueError(f"stage {self.stage!r} leaves nothing to train")
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError(
+                "the schedule needs the number of optimizer steps, but the training data has no length "
+                "(streamed caption shards without epoch_length): set trainer.max_steps, or the source's "
+                "resampled: true with epoch_length"
+            )
+        total = max(1, int(total))
         scheduler = warmup_cosine(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

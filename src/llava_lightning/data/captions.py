@@ -128,6 +128,12 @@ class CaptionShards(IterableDataset):
         """Reshuffle shards differently each epoch (call before iterating)."""
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        # Samples per rank per epoch, when fixed; a plain shard list has no length known in advance.
+        if self.epoch_length is None:
+            raise TypeError("caption shards without epoch_length have no length")
+        return self.epoch_length
+
     def shards_for(self, rank: int, world: int, worker: int, workers: int) -> list[str]:
         """This worker's shards in the non-resampled mode: shuffled by epoch, split by rank then worker."""
         shards = list(self.urls)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .captions import CaptionShards
@@ -57,6 +58,10 @@ class SourceConfig:
     """Captions: draw shards at random forever (needs epoch_length); every rank runs the same steps."""
     epoch_length: int | None = None
     """Captions: samples per rank per epoch (required with resampled)."""
+
+
+# Checkpoints store the data module's hyperparameters; allow these under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([SourceConfig, ImageSettings])
 
 
 def _for_stage(sources, stage: str | None, what: str) -> list[SourceConfig]:

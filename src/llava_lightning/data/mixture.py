@@ -29,6 +29,9 @@ class WeightedMixture(IterableDataset):
         self.sources, self.weights = sources, [float(w) for w in weights]
         self.epoch_length, self.seed, self.epoch = epoch_length, seed, 0
 
+    def __len__(self) -> int:
+        return self.epoch_length
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         for source in self.sources:

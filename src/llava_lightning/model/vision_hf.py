@@ -91,7 +91,7 @@ class HFVisionTower(VisionTower):
         self._layers = normalize_feature_layers(feature_layer, num_layers)
         parent, attr, blocks = _find_block_list(hf_model, num_layers)
         self.block_class = type(blocks[0])
-        run = max(self._layers)
+        run = self.blocks_run = max(self._layers)
         if run < num_layers:
             setattr(parent, attr, _LeadingBlocks(list(blocks), run))
             for block in list(blocks)[run:]:

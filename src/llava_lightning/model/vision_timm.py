@@ -42,6 +42,7 @@ class TimmVisionTower(VisionTower):
         if 0 in layers:
             raise ValueError("timm towers cannot return the patch embeddings (feature_layer 0); pick a block")
         self._blocks = [i - 1 for i in layers]  # timm block indices, in the requested order
+        self.blocks_run = max(layers)  # forward_intermediates(stop_early=True) runs no further
         self.block_class = type(timm_model.blocks[0])
         self.num_prefix_tokens = int(getattr(timm_model, "num_prefix_tokens", 0))
         data_cfg = timm.data.resolve_data_config(model=timm_model)

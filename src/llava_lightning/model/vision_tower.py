@@ -33,6 +33,8 @@ class VisionTower(nn.Module):
     """The transformer block class (for FSDP wrapping and activation checkpointing)."""
     feature_layer: int | list[int]
     select_strategy: str
+    blocks_run: int
+    """How many leading blocks run (those after the deepest feature layer are skipped)."""
 
     def blocks(self) -> list[nn.Module]:
         """The tower's transformer blocks in order (for unfreezing the last k, sharding, checkpointing)."""

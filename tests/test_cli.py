@@ -1,0 +1,93 @@
+"""The CLI: every shipped YAML parses, and stage 1 -> stage 2 -> export runs end to end on `tiny`."""
+
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from llava_lightning.cli import main
+
+CONF = REPO / "conf"
+YAMLS = sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_every_yaml_under_conf_is_valid_yaml(name):
+    assert isinstance(yaml.safe_load((CONF / name).read_text()), dict)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["stage1.yaml"],
+        ["stage2.yaml"],
+        ["stage1.yaml", "tiny.yaml"],
+        ["stage2.yaml", "tiny.yaml"],
+        ["stage2.yaml", "scienceqa.yaml"],
+        ["stage2.yaml", "strategy/ddp.yaml"],
+    ],
+)
+def test_print_config_for_each_stage_and_overlay(files, capsys):
+    args = ["fit"] + [a for f in files for a in ("-c", str(CONF / f))] + ["--print_config"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["stage"] in ("align", "finetune")
+    if "tiny.yaml" in files:
+        assert printed["model"]["preset"] == "tiny" and printed["trainer"]["accelerator"] == "cpu"
+
+
+def test_overlays_merge_left_to_right(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONF / "stage2.yaml"),
+                "-c",
+                str(CONF / "tiny.yaml"),
+                "--model.optim.lr=0.5",
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["optim"]["lr"] == 0.5  # flag over tiny.yaml over stage2.yaml
+    assert printed["model"]["template"] == "vicuna_v1"  # from stage2.yaml, untouched by tiny.yaml
+
+
+def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_lightning.module import LlavaLitModule
+
+    (tmp_path / "data").mkdir()
+    os.symlink(shapes_dir, tmp_path / "data" / "shapes")
+    monkeypatch.chdir(tmp_path)  # tiny.yaml names data/shapes relative to the working directory
+    common = [
+        "-c", str(CONF / "tiny.yaml"), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+        "--data.num_workers=0", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+    ]  # fmt: skip
+    main(["fit", "-c", str(CONF / "stage1.yaml"), *common, "--trainer.logger.init_args.name=s1"])
+    (projector,) = glob.glob(f"{tmp_path}/runs/s1/version_0/projector.safetensors")
+    main(["fit", "-c", str(CONF / "stage2.yaml"), *common, "--trainer.logger.init_args.name=s2",
+          f"--model.init_projector={projector}"])  # fmt: skip
+    (ckpt,) = glob.glob(f"{tmp_path}/runs/s2/version_0/checkpoints/last.ckpt")
+    main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "hf")])
+
+    ours = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
+    assert ours.multi_modal_projector.linear_1.weight.shape[0] == ours.language_model.config.hidden_size
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    n = ours.vision_tower.num_tokens
+    ids = torch.tensor([[1, 5, 6] + [ours.image_token_id] * n + [7, 8, 9]])
+    pixels = torch.randn(1, 3, ours.vision_tower.image_size, ours.vision_tower.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(ids, pixel_values=pixels).logits,
+            theirs(input_ids=ids, pixel_values=pixels).logits,
+            rtol=0,
+            atol=1e-4,
+        )

@@ -1,0 +1,196 @@
+"""LlavaLitModule: per-stage trainable sets, token-normalized loss under accumulation, resume, hand-off."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from llava_lightning.data import LlavaDataModule, SourceConfig
+from llava_lightning.module import LlavaLitModule, OptimConfig
+
+
+def _trainable(lit, component):
+    return {n for n, p in getattr(lit.model, component).named_parameters() if p.requires_grad}
+
+
+def _count(lit, component):
+    return sum(p.numel() for p in getattr(lit.model, component).parameters() if p.requires_grad)
+
+
+def test_align_trains_only_the_projector():
+    lit = LlavaLitModule(preset="tiny", stage="align")
+    assert _count(lit, "vision_tower") == 0 and _count(lit, "language_model") == 0
+    assert _count(lit, "multi_modal_projector") == sum(
+        p.numel() for p in lit.model.multi_modal_projector.parameters()
+    )
+    lit.train()
+    assert not lit.model.vision_tower.training and not lit.model.language_model.training
+    assert lit.model.multi_modal_projector.training
+
+
+def test_finetune_trains_projector_and_llm_and_full_everything_that_runs():
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    assert _count(lit, "vision_tower") == 0
+    assert _count(lit, "language_model") == sum(p.numel() for p in lit.model.language_model.parameters())
+    full = LlavaLitModule(preset="tiny", stage="full")
+    trainable = _trainable(full, "vision_tower")
+    assert any(".layers.0." in n for n in trainable) and any(".layers.2." in n for n in trainable)
+    # feature layer -2 of 4 blocks: block 3 and the pooled-output norm never run, so never train
+    assert not any(".layers.3." in n or "post_layernorm" in n for n in trainable)
+
+
+def test_unfreeze_last_vision_blocks_counts_blocks_that_run():
+    lit = LlavaLitModule(preset="tiny", stage="finetune", unfreeze_vision_blocks=1)
+    trainable = _trainable(lit, "vision_tower")
+    assert trainable and all(".layers.2." in n for n in trainable)
+
+
+def test_lora_trains_adapters_and_projector_only():
+    pytest.importorskip("peft", reason="peft is the `lora` extra (installed by make test)")
+    lit = LlavaLitModule(preset="tiny", stage="lora")
+    names = _trainable(lit, "language_model")
+    assert names and all("lora_" in n for n in names)
+    assert _count(lit, "multi_modal_projector") > 0 and _count(lit, "vision_tower") == 0
+    assert any(g["name"].startswith("multi_modal_projector") for g in _groups(lit))
+
+
+def _groups(lit):
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    lit.trainer = trainer
+    return lit.configure_optimizers()["optimizer"].param_groups
+
+
+def test_param_groups_separate_rates_and_no_decay_for_biases_and_norms():
+    lit = LlavaLitModule(
+        preset="tiny",
+        stage="full",
+        optim=OptimConfig(lr=1e-4, projector_lr=1e-3, vision_lr=1e-5, weight_decay=0.1),
+    )
+    groups = {g["name"]: g for g in _groups(lit)}
+    assert groups["multi_modal_projector"]["lr"] == 1e-3 and groups["vision_tower"]["lr"] == 1e-5
+    assert groups["language_model"]["lr"] == 1e-4 and groups["language_model"]["weight_decay"] == 0.1
+    assert groups["language_model/no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups["language_model/no_decay"]["params"])
+    assert all(p.ndim >= 2 for p in groups["language_model"]["params"])
+
+
+class GradRecorder(Callback):
+    """Keeps a copy of the (already normalized) gradients of each optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        pass  # module hook scales first; the copy is taken in on_train_batch_end of the stepping batch
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.grads.append(module._last_grads)
+
+
+class RecordingLit(LlavaLitModule):
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self._last_grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+def _instruct_dm(shapes_dir, batch_size, **kw):
+    return LlavaDataModule(
+        train=[
+            SourceConfig(
+                kind="instruct",
+                path=str(shapes_dir / "instruct/llava_instruct.json"),
+                image_root=str(shapes_dir / "instruct"),
+            )
+        ],
+        template="vicuna_v1",
+        batch_size=batch_size,
+        num_workers=0,
+        **kw,
+    )
+
+
+def _trainer(tmp_path, **kw):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_accumulation_with_uneven_lengths_gives_the_large_batch_gradient(shapes_dir, tmp_path):
+    grads = []
+    for batch, accumulate in [(4, 1), (2, 2), (1, 4)]:
+        torch.manual_seed(0)
+        lit = RecordingLit(preset="tiny", stage="finetune")
+        dm = _instruct_dm(shapes_dir, batch)
+        rec = GradRecorder()
+        _trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, callbacks=[rec]).fit(
+            lit, datamodule=dm
+        )
+        grads.append(rec.grads[0])
+    for other in grads[1:]:
+        assert set(other) == set(grads[0])
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class LossRecorder(Callback):
+    def __init__(self, stop_at=None, path=None):
+        self.losses, self.stop_at, self.path = [], stop_at, path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        if self.stop_at is not None and trainer.global_step == self.stop_at:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, tmp_path):
+    def run(callback, ckpt=None):
+        torch.manual_seed(0)
+        lit = LlavaLitModule(preset="tiny", stage="finetune", optim=OptimConfig(lr=1e-3))
+        dm = _instruct_dm(shapes_dir, 4)
+        _trainer(tmp_path, max_steps=8, callbacks=[callback]).fit(lit, datamodule=dm, ckpt_path=ckpt)
+
+    full = LossRecorder()
+    run(full)
+    first = LossRecorder(stop_at=3, path=tmp_path / "k.ckpt")
+    run(first)
+    resumed = LossRecorder()
+    run(resumed, ckpt=str(tmp_path / "k.ckpt"))
+    assert len(full.losses) == 8 and first.losses == pytest.approx(full.losses[:3], rel=1e-6)
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5)
+
+
+def test_align_writes_a_projector_artifact_that_stage_2_loads(shapes_dir, tmp_path):
+    lit = LlavaLitModule(preset="tiny", stage="align", optim=OptimConfig(lr=1e-2))
+    before = {k: v.clone() for k, v in lit.model.multi_modal_projector.state_dict().items()}
+    dm = LlavaDataModule(
+        train=[SourceConfig(kind="captions", path=str(shapes_dir / "captions/shard-{00000..00002}.tar"))],
+        template="plain",
+        batch_size=8,
+        num_workers=0,
+    )
+    _trainer(tmp_path, max_steps=3).fit(lit, datamodule=dm)
+    artifact = tmp_path / "projector.safetensors"
+    assert artifact.exists() and artifact.with_suffix(".json").exists()
+    trained = lit.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    stage2 = LlavaLitModule(preset="tiny", stage="finetune", init_projector=str(artifact))
+    for k, v in stage2.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(v, trained[k])
+
+
+def test_validation_reports_loss_perplexity_and_accuracy(shapes_dir, tmp_path):
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    dm = _instruct_dm(shapes_dir, 8)
+    dm.val_sources = dm.train_sources
+    metrics = _trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule=dm)[0]
+    assert metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val/loss"])).item(), rel=1e-4)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert metrics["val/loss"] > 0
