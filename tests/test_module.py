@@ -46,7 +46,7 @@ def test_unfreeze_last_vision_blocks_counts_blocks_that_run():
 
 
 def test_lora_trains_adapters_and_projector_only():
-    pytest.importorskip("peft", reason="peft is the `lora` extra (installed by make test)")
+    # peft is the `lora` extra; `make test` installs it with the dev extra.
     lit = LlavaLitModule(preset="tiny", stage="lora")
     names = _trainable(lit, "language_model")
     assert names and all("lora_" in n for n in names)
