@@ -1,7 +1,8 @@
 """`python -m llava_lightning.bench`: run every benchmark (what `make bench` does)."""
 
-from . import loader, model_step
+from . import loader, model_step, trainer_overhead
 
 if __name__ == "__main__":
     loader.main([])
     model_step.main([])
+    trainer_overhead.main([])
