@@ -91,3 +91,19 @@ def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
             rtol=0,
             atol=1e-4,
         )
+
+
+def test_sweep_trials_expand_to_valid_cli_flags(capsys):
+    import itertools
+
+    sweep = yaml.safe_load((CONF / "sweeps" / "tiny_lr_wandb.yaml").read_text())
+    command = sweep["command"]
+    base = command[command.index("fit") : command.index("${args}")]
+    base = [str(REPO / a) if a.endswith(".yaml") else a for a in base]
+    names = list(sweep["parameters"])
+    for values in itertools.product(*(sweep["parameters"][n]["values"] for n in names)):
+        flags = [f"--{n}={v}" for n, v in zip(names, values)]  # what W&B's ${args} expands to
+        with pytest.raises(SystemExit):
+            main([*base, *flags, "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["optim"]["lr"] == values[0] and printed["data"]["batch_size"] == values[2]
