@@ -156,7 +156,7 @@ class CaptionShards(IterableDataset):
         where = f"{raw.get('__url__')}:{raw.get('__key__')}"
         image_field = next((f for f in IMAGE_EXTS if f in raw), None)
         if image_field is None or "txt" not in raw:
-            return self.encoder._fail(
+            return self.encoder.fail(
                 "malformed_record", where, "sample needs an image (jpg/png/webp) and a txt caption"
             )
         caption = raw["txt"].decode("utf-8", errors="replace").strip()

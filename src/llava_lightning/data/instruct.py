@@ -80,10 +80,10 @@ class InstructionDataset(Dataset):
         record = self.index[i]
         where = f"{self.index.path}[{i}]"
         if not isinstance(record, dict) or "conversations" not in record:
-            return self.encoder._fail("malformed_record", where, "record needs a 'conversations' list")
+            return self.encoder.fail("malformed_record", where, "record needs a 'conversations' list")
         where += f" id={record.get('id')}"
         try:
             paths = [self.image_root / p for p in image_list(record)]
         except TypeError:
-            return self.encoder._fail("malformed_record", where, "'image' must be a path or a list of paths")
+            return self.encoder.fail("malformed_record", where, "'image' must be a path or a list of paths")
         return self.encoder(record["conversations"], paths, where)

@@ -64,10 +64,10 @@ class SampleEncoder:
             to_tensor = self.transform.to_uint8 if self.uint8_pixels else self.transform
             pixels = [to_tensor(decode_image(src, target_size=self.transform.size)) for src in images]
         except SampleError as err:
-            return self._fail(err.reason, where, str(err))
+            return self.fail(err.reason, where, str(err))
         except (ImageDecodeError, OSError) as err:
             reason = "missing_image" if isinstance(err, FileNotFoundError) else "bad_image"
-            return self._fail(reason, where, str(err))
+            return self.fail(reason, where, str(err))
         size = self.transform.size
         return {
             "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
@@ -77,7 +77,8 @@ class SampleEncoder:
             else torch.empty(0, 3, size, size, dtype=self._dtype),
         }
 
-    def _fail(self, reason: str, where: str, detail: str) -> dict[str, str]:
+    def fail(self, reason: str, where: str, detail: str) -> dict[str, str]:
+        """A counted skip of the record at `where`, or in strict mode a `StrictModeError`."""
         if self.strict:
             raise StrictModeError(
                 f"{where}: {detail} (strict mode; set strict: false to skip and count such samples)"
