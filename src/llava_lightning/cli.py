@@ -13,20 +13,10 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from .data.datamodule import LlavaDataModule
+from .data.datamodule import ImageSettings, LlavaDataModule
 from .module import LlavaLitModule
 
 log = logging.getLogger(__name__)
-
-
-def _image_settings(lit: LlavaLitModule) -> dict:
-    tower = lit.model.vision_tower
-    return {
-        "size": tower.image_size,
-        "mean": list(tower.image_mean),
-        "std": list(tower.image_std),
-        "num_image_tokens": tower.num_tokens,
-    }
 
 
 class LlavaCLI(LightningCLI):
@@ -38,7 +28,10 @@ class LlavaCLI(LightningCLI):
             "model", "data.tokenizer", compute_fn=lambda lit: lit.model.tokenizer, apply_on="instantiate"
         )
         parser.link_arguments(
-            "model", "data.image_settings", compute_fn=_image_settings, apply_on="instantiate"
+            "model",
+            "data.image_settings",
+            compute_fn=lambda lit: ImageSettings.from_tower(lit.model.vision_tower),
+            apply_on="instantiate",
         )
 
 

@@ -41,6 +41,11 @@ class ImageSettings:
     num_image_tokens: int
     """Image-token ids per image."""
 
+    @classmethod
+    def from_tower(cls, tower: Any) -> ImageSettings:
+        """The settings a vision tower reports."""
+        return cls(tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens)
+
 
 @dataclass
 class SourceConfig:
@@ -134,15 +139,9 @@ class LlavaDataModule(L.LightningDataModule):
 
     def connect(self, model: Any) -> None:
         """Take tokenizer, image settings and image-token count from a `LlavaModel`."""
-        tower = model.vision_tower
-        settings = ImageSettings(
-            tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens
-        )
-        self._connect(model.tokenizer, settings)
+        self._connect(model.tokenizer, ImageSettings.from_tower(model.vision_tower))
 
-    def _connect(self, tokenizer: Any, settings: ImageSettings | dict) -> None:
-        if isinstance(settings, dict):
-            settings = ImageSettings(**settings)
+    def _connect(self, tokenizer: Any, settings: ImageSettings) -> None:
         transform = ImageTransform(settings.size, settings.mean, settings.std, aspect=self.image_aspect)
         self.encoder = SampleEncoder(
             template=self.template,

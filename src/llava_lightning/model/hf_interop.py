@@ -168,5 +168,5 @@ def load_hf(cls, path: str, trust_remote_code: bool = False):
         raise RuntimeError(f"{type(lm).__name__} has parts outside its base model and head: {stray[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu")
-    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict(), strict=False)
+    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict(), strict=True)
     return model

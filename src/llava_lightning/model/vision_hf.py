@@ -18,6 +18,7 @@ from .vision_tower import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     VisionTower,
+    check_select_strategy,
     normalize_feature_layers,
 )
 
@@ -74,8 +75,7 @@ class HFVisionTower(VisionTower):
         image_std: tuple[float, float, float] | None = None,
     ):
         super().__init__()
-        if select_strategy not in ("default", "full"):
-            raise ValueError(f"select_strategy must be 'default' or 'full', got {select_strategy!r}")
+        check_select_strategy(select_strategy)
         if list(hf_model.named_parameters(recurse=False)):
             raise ValueError(f"{type(hf_model).__name__} holds parameters outside its submodules")
         # The HF model runs the forward; its children are ours too (same objects), so keys match HF.

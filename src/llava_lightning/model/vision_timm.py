@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .specs import VisionSpec
-from .vision_tower import VisionTower, normalize_feature_layers
+from .vision_tower import VisionTower, check_select_strategy, normalize_feature_layers
 
 
 class TimmVisionTower(VisionTower):
@@ -27,8 +27,7 @@ class TimmVisionTower(VisionTower):
         super().__init__()
         import timm.data
 
-        if select_strategy not in ("default", "full"):
-            raise ValueError(f"select_strategy must be 'default' or 'full', got {select_strategy!r}")
+        check_select_strategy(select_strategy)
         if not hasattr(timm_model, "forward_intermediates") or not hasattr(timm_model, "blocks"):
             raise ValueError(
                 f"timm model {type(timm_model).__name__} has no forward_intermediates/blocks: "

@@ -41,6 +41,12 @@ class VisionTower(nn.Module):
         return [m for m in self.modules() if isinstance(m, self.block_class)]
 
 
+def check_select_strategy(select_strategy: str) -> None:
+    """Refuse anything but LLaVA's two token-selection strategies."""
+    if select_strategy not in ("default", "full"):
+        raise ValueError(f"select_strategy must be 'default' or 'full', got {select_strategy!r}")
+
+
 def normalize_feature_layers(feature_layer: int | list[int], num_layers: int) -> list[int]:
     """Map transformers-style hidden-state indices (0 = embeddings, -1 = last block) to 0..num_layers."""
     layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
