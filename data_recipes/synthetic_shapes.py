@@ -9,6 +9,8 @@ can learn. The recipe writes four datasets plus a manifest:
   sample ``{key}.jpg``, ``{key}.txt`` (caption) and ``{key}.json`` (metadata).
 - ``DIR/instruct/llava_instruct.json`` + ``DIR/instruct/images/``: LLaVA instruction data
   (stage 2): single-image, two-image (about 10%) and text-only (about 10%) conversations.
+- ``DIR/instruct/val.json`` (images ``instruct/images/val-*.jpg``): a validation split of the
+  instruction data from its own stream (validation loss / perplexity, and sweeps' metric).
 - ``DIR/instruct/mc_train.json`` (images ``instruct/images/mc-*.jpg``): multiple-choice
   questions in the eval format, for training (LLaVA-1.5's mix has such "answer with the
   option's letter" data too), from a stream of their own: no image is shared with the eval set.
@@ -70,7 +72,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
-STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN = 1, 2, 3, 4
+STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -400,11 +402,20 @@ def sample_kinds(rng: np.random.Generator, n: int, fraction: float = 0.1) -> lis
     return [kinds[int(j)] for j in order]
 
 
-def write_instruct(out: Path, seed: int, n: int, image_size: int) -> dict[str, int]:
-    """Write the LLaVA instruction JSON and its images; returns counts per kind."""
+def write_instruct(
+    out: Path,
+    seed: int,
+    n: int,
+    image_size: int,
+    stream: int = STREAM_INSTRUCT,
+    json_name: str = "llava_instruct.json",
+    prefix: str = "",
+) -> dict[str, int]:
+    """Write a LLaVA instruction JSON and its images (the training set, or with another stream the
+    validation split); returns counts per kind."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    rng = rng_for(seed, STREAM_INSTRUCT)
+    rng = rng_for(seed, stream)
     records: list[dict[str, Any]] = []
     counts = {"single": 0, "two_image": 0, "text_only": 0, "images": 0}
     for i, kind in enumerate(sample_kinds(rng, n)):
@@ -413,12 +424,12 @@ def write_instruct(out: Path, seed: int, n: int, image_size: int) -> dict[str, i
             records.append({"id": f"shapes-text-{i:06d}", "conversations": text_only_conversation(rng)})
         elif kind == "single":
             scene = random_scene(rng)
-            name = f"{i:06d}.jpg"
+            name = f"{prefix}{i:06d}.jpg"
             (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
             counts["images"] += 1
             records.append(
                 {
-                    "id": f"shapes-instruct-{i:06d}",
+                    "id": f"shapes-{prefix}instruct-{i:06d}",
                     "image": f"images/{name}",
                     "conversations": single_image_conversation(rng, scene),
                 }
@@ -426,18 +437,18 @@ def write_instruct(out: Path, seed: int, n: int, image_size: int) -> dict[str, i
         else:
             # Counts drawn independently, so the three answers are roughly balanced.
             scenes = [random_scene(rng), random_scene(rng)]
-            names = [f"{i:06d}_a.jpg", f"{i:06d}_b.jpg"]
+            names = [f"{prefix}{i:06d}_a.jpg", f"{prefix}{i:06d}_b.jpg"]
             for scene, name in zip(scenes, names):
                 (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
             counts["images"] += 2
             records.append(
                 {
-                    "id": f"shapes-pair-{i:06d}",
+                    "id": f"shapes-{prefix}pair-{i:06d}",
                     "image": [f"images/{name}" for name in names],
                     "conversations": two_image_conversation(rng, scenes[0], scenes[1]),
                 }
             )
-    write_json(out / "llava_instruct.json", records)
+    write_json(out / json_name, records)
     return counts
 
 
@@ -521,6 +532,7 @@ def generate(
     image_size: int = 96,
     shard_size: int = 200,
     n_mc_train: int = 2000,
+    n_val: int = 100,
 ) -> dict[str, Any]:
     """Write the whole dataset under ``out``; returns the manifest."""
     if image_size < 24:
@@ -530,6 +542,8 @@ def generate(
     log.info("captions: %d samples in %d shards", n_captions, n_shards)
     instruct = write_instruct(out / "instruct", seed, n_instruct, image_size)
     log.info("instruct: %s", instruct)
+    val = write_instruct(out / "instruct", seed, n_val, image_size, STREAM_VAL, "val.json", "val-")
+    log.info("instruct validation split: %s", val)
     mc_letters = write_eval(
         out / "instruct", seed, n_mc_train, image_size, STREAM_MC_TRAIN, "mc_train.json", "mc-"
     )
@@ -555,6 +569,7 @@ def generate(
             "json": "instruct/llava_instruct.json",
             "image_root": "instruct",
         },
+        "val": {"samples": n_val, "json": "instruct/val.json", "image_root": "instruct"},
         "mc_train": {
             "samples": n_mc_train,
             "answer_letters": mc_letters,
@@ -585,10 +600,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--n-mc-train", type=int, default=2000, help="multiple-choice training questions (eval format)"
     )
+    p.add_argument("--n-val", type=int, default=100, help="instruction validation samples")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=200, help="caption samples per tar shard")
     args = p.parse_args(None if argv is None else list(argv))
-    for name in ("n_captions", "n_instruct", "n_eval", "n_mc_train"):
+    for name in ("n_captions", "n_instruct", "n_eval", "n_mc_train", "n_val"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -607,6 +623,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         args.image_size,
         args.shard_size,
         args.n_mc_train,
+        args.n_val,
     )
     elapsed = time.perf_counter() - start
     print(

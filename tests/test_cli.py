@@ -1,6 +1,8 @@
 """The CLI: every shipped YAML parses, and stage 1 -> stage 2 -> export runs end to end on `tiny`."""
 
 import glob
+import json
+import math
 import os
 
 import pytest
@@ -9,6 +11,8 @@ import yaml
 from conftest import REPO
 
 from llava_lightning.cli import main
+from llava_lightning.data.image import decode_image
+from llava_lightning.data.prompts import prompt_of
 
 CONF = REPO / "conf"
 YAMLS = sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml"))
@@ -77,6 +81,9 @@ def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
           f"--model.init_projector={projector}"])  # fmt: skip
     (ckpt,) = glob.glob(f"{tmp_path}/runs/s2/version_0/checkpoints/last.ckpt")
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "hf")])
+    main(["predict", "-c", str(CONF / "stage2.yaml"), *common[:2], "-c", str(CONF / "predict.yaml"),
+          "--data.num_workers=0", "--data.batch_size=5", "--model.max_new_tokens=3",
+          f"--trainer.callbacks.init_args.output={tmp_path}/pred.jsonl", f"--ckpt_path={ckpt}"])  # fmt: skip
 
     ours = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
     assert ours.multi_modal_projector.linear_1.weight.shape[0] == ours.language_model.config.hidden_size
@@ -91,6 +98,13 @@ def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
             rtol=0,
             atol=1e-4,
         )
+    # predict: one JSON line per eval record, in order, each the greedy reply to the record's prompt
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    records = json.loads((shapes_dir / "eval" / "scienceqa_style.json").read_text())
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    first = records[0]
+    image = decode_image(shapes_dir / "eval" / first["image"])
+    assert rows[0]["reply"] == ours.generate([[image]], [prompt_of(first)], max_new_tokens=3)[0]
 
 
 def test_sweep_trials_expand_to_valid_cli_flags(capsys):
@@ -107,3 +121,27 @@ def test_sweep_trials_expand_to_valid_cli_flags(capsys):
             main([*base, *flags, "--print_config"])
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["optim"]["lr"] == values[0] and printed["data"]["batch_size"] == values[2]
+
+
+def test_optuna_sweep_runs_trials_through_the_cli(shapes_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_optuna", CONF / "sweeps" / "tiny_optuna.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    (tmp_path / "data").mkdir()
+    os.symlink(shapes_dir, tmp_path / "data" / "shapes")
+    (tmp_path / "conf").symlink_to(CONF)
+    monkeypatch.chdir(tmp_path)
+    study = sweep.main(
+        ["--trials", "2", "--max-steps", "2", "--out", str(tmp_path / "optuna"), "--",
+         "--data.num_workers=0", "--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        assert math.isfinite(t.value) and t.value > 0
+        # the trial's suggestions reached the run: its logged hyperparameters carry them
+        hparams = yaml.safe_load((tmp_path / f"optuna/trial_{t.number}/version_0/hparams.yaml").read_text())
+        assert hparams["optim"]["lr"] == pytest.approx(t.params["model.optim.lr"])
+    assert trials[0].params != trials[1].params

@@ -20,7 +20,7 @@ def _reference_hidden_states(tower):
 
 @pytest.mark.parametrize(
     "layer,strategy",
-    [(-2, "default"), (-1, "full"), (2, "default"), ([-2, 1], "default"), ([-1, -3], "full")],
+    [(-2, "default"), (-1, "full"), (2, "default"), (0, "default"), ([-2, 1], "default"), ([-1, -3], "full")],
 )
 def test_hf_clip_selection_matches_hidden_states(layer, strategy):
     tower = build_vision_tower(

@@ -2,6 +2,17 @@
 
 from .data import LlavaDataModule
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
+from .module import LlavaLitModule
+from .prediction_writer import PredictionWriter
 
-__all__ = ["LanguageSpec", "LlavaDataModule", "LlavaModel", "LlavaSpec", "VisionSpec", "get_preset"]
+__all__ = [
+    "LanguageSpec",
+    "LlavaDataModule",
+    "LlavaLitModule",
+    "LlavaModel",
+    "LlavaSpec",
+    "PredictionWriter",
+    "VisionSpec",
+    "get_preset",
+]
 __version__ = "0.1.0"

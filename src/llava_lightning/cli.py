@@ -55,13 +55,14 @@ def export(argv: list[str]) -> None:
     print(f"llava-hf folder written to {args.out}")  # noqa: T201 (CLI output)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> LlavaCLI | None:
+    """Run a subcommand; returns the CLI (its `trainer.callback_metrics` hold the run's last metrics)."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["export"]:
         export(argv[1:])
-        return
-    LlavaCLI(
+        return None
+    return LlavaCLI(
         LlavaLitModule,
         LlavaDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},

@@ -299,15 +299,18 @@ class LlavaLitModule(L.LightningModule):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Generate replies for a batch of `{"images": [...], "prompts": [...]}`."""
-        return self.model.generate(
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy replies for a batch of `{"id", "prompt", "images"}` lists (`LlavaDataModule.predict`)."""
+        replies = self.model.generate(
             batch["images"],
-            batch["prompts"],
+            batch["prompt"],
             template=self.template,
             aspect=self.image_aspect,
             max_new_tokens=self.max_new_tokens,
         )
+        return [
+            {"id": i, "prompt": p, "reply": r} for i, p, r in zip(batch["id"], batch["prompt"], replies)
+        ]
 
     # ----------------------------------------------------------------------------------- optim
     def configure_optimizers(self):

@@ -22,6 +22,7 @@ from .collate import LlavaCollator
 from .image import ImageTransform
 from .instruct import InstructionDataset
 from .mixture import WeightedMixture
+from .prompts import PromptDataset, collate_prompts
 from .sample import SampleEncoder
 from .sampler import EpochSampler, ResumableDataLoader
 
@@ -86,6 +87,7 @@ class LlavaDataModule(L.LightningDataModule):
         self,
         train: list[SourceConfig] | dict[str, list[SourceConfig]],
         val: list[SourceConfig] | dict[str, list[SourceConfig]] | None = None,
+        predict: SourceConfig | None = None,
         template: str = "vicuna_v1",
         batch_size: int = 16,
         num_workers: int = 4,
@@ -105,6 +107,8 @@ class LlavaDataModule(L.LightningDataModule):
             train: Training sources (one, or several mixed by weight), or such lists keyed by model stage
                 (`align`, `finetune`, ...): one overlay (conf/tiny.yaml) then serves every stage.
             val: Validation sources (read in order, no shuffling), a list or keyed by stage like `train`.
+            predict: Prompts for `predict`: a LLaVA JSON (kind instruct); each record's first human turn and
+                its images are answered (write the replies with `llava_lightning.PredictionWriter`).
             template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto).
             batch_size: Samples per device per step (skipped samples make a batch smaller).
             num_workers: DataLoader worker processes per device.
@@ -124,6 +128,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.stage = stage
         self.train_sources = _for_stage(train, stage, "train")
         self.val_sources = _for_stage(val or [], stage, "val")
+        if predict is not None and predict.kind != "instruct":
+            raise ValueError(f"data.predict must be a LLaVA JSON source (kind: instruct), got kind {predict.kind!r}")
+        self.predict_source = predict
         self.template, self.batch_size, self.num_workers = template, batch_size, num_workers
         self.max_length, self.image_aspect, self.shuffle_buffer = max_length, image_aspect, shuffle_buffer
         self.mixture_epoch_length, self.seed, self.strict = mixture_epoch_length, seed, strict
@@ -212,6 +219,15 @@ class LlavaDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_sources, train=False) if self.val_sources else []
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_source is None:
+            raise ValueError("predict needs data.predict: {kind: instruct, path: PROMPTS.json, image_root: DIR}")
+        src = self.predict_source
+        dataset = PromptDataset(src.path, src.image_root)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts
+        )
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:

@@ -27,10 +27,10 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from ..data.image import decode_image
+from ..data.prompts import image_paths, prompt_of
 
 log = logging.getLogger(__name__)
 
-IMAGE = "<image>"
 _OPTION_LINE = re.compile(r"^([A-Z])\.\s", re.MULTILINE)
 _ANSWER_IS = re.compile(r"(?i:answer\s*(?:is|:))\s*[:\-]?\s*\(?([A-Z])(?![A-Za-z0-9])")
 _STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
@@ -61,23 +61,6 @@ def load_records(json_path: str | Path, limit: int | None = None) -> list[dict[s
     if not isinstance(records, list):
         raise ValueError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
     return records[:limit] if limit is not None else records
-
-
-def _image_paths(record: dict[str, Any]) -> list[str]:
-    image = record.get("image")
-    if not image:
-        return []
-    return [image] if isinstance(image, str) else [str(p) for p in image]
-
-
-def _prompt(record: dict[str, Any]) -> str:
-    turns = record.get("conversations") or []
-    if not turns or turns[0].get("from") != "human":
-        raise ValueError(f"record {record.get('id')!r} has no human turn first")
-    text = str(turns[0]["value"])
-    while text.startswith(IMAGE + "\n"):
-        text = text[len(IMAGE) + 1 :]
-    return text.replace(IMAGE, "").strip() if IMAGE in text else text
 
 
 def _answer(record: dict[str, Any]) -> str:
@@ -128,10 +111,10 @@ def evaluate_multiple_choice(
     unparsed = 0
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        prompts = [_prompt(r) for r in batch]
+        prompts = [prompt_of(r) for r in batch]
         images: list[Any] = []
         for r in batch:
-            paths = _image_paths(r)
+            paths = image_paths(r)
             images.append([decode_image(root / p) for p in paths] if paths else None)
         replies = model.generate(
             images, prompts, template=template, max_new_tokens=max_new_tokens, aspect=aspect

@@ -91,7 +91,9 @@ class HFVisionTower(VisionTower):
         self._layers = normalize_feature_layers(feature_layer, num_layers)
         parent, attr, blocks = _find_block_list(hf_model, num_layers)
         self.block_class = type(blocks[0])
-        run = self.blocks_run = max(self._layers)
+        # transformers collects hidden states as blocks run, so even feature layer 0 (the embeddings)
+        # needs one block to run for `hidden_states[0]` to exist.
+        run = self.blocks_run = max(max(self._layers), 1)
         if run < num_layers:
             setattr(parent, attr, _LeadingBlocks(list(blocks), run))
             for block in list(blocks)[run:]:
