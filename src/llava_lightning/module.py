@@ -308,9 +308,7 @@ class LlavaLitModule(L.LightningModule):
             aspect=self.image_aspect,
             max_new_tokens=self.max_new_tokens,
         )
-        return [
-            {"id": i, "prompt": p, "reply": r} for i, p, r in zip(batch["id"], batch["prompt"], replies)
-        ]
+        return [{"id": i, "prompt": p, "reply": r} for i, p, r in zip(batch["id"], batch["prompt"], replies)]
 
     # ----------------------------------------------------------------------------------- optim
     def configure_optimizers(self):

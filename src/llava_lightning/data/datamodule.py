@@ -129,7 +129,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.train_sources = _for_stage(train, stage, "train")
         self.val_sources = _for_stage(val or [], stage, "val")
         if predict is not None and predict.kind != "instruct":
-            raise ValueError(f"data.predict must be a LLaVA JSON source (kind: instruct), got kind {predict.kind!r}")
+            raise ValueError(
+                f"data.predict must be a LLaVA JSON source (kind: instruct), got kind {predict.kind!r}"
+            )
         self.predict_source = predict
         self.template, self.batch_size, self.num_workers = template, batch_size, num_workers
         self.max_length, self.image_aspect, self.shuffle_buffer = max_length, image_aspect, shuffle_buffer
@@ -222,7 +224,9 @@ class LlavaDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_source is None:
-            raise ValueError("predict needs data.predict: {kind: instruct, path: PROMPTS.json, image_root: DIR}")
+            raise ValueError(
+                "predict needs data.predict: {kind: instruct, path: PROMPTS.json, image_root: DIR}"
+            )
         src = self.predict_source
         dataset = PromptDataset(src.path, src.image_root)
         return DataLoader(
