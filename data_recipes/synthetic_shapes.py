@@ -71,6 +71,9 @@ SUPERSAMPLE = 2
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
+# Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
+FORMAT_VERSION = 2
+
 # Independent random streams: changing how many captions are drawn never changes the eval set.
 STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
 
@@ -552,6 +555,7 @@ def generate(
     log.info("eval: %d questions, answer letters %s", n_eval, letters)
     manifest = {
         "recipe": "data_recipes/synthetic_shapes.py",
+        "format_version": FORMAT_VERSION,
         "seed": seed,
         "image_size": image_size,
         "shard_size": shard_size,

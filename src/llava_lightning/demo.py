@@ -34,6 +34,17 @@ def _fit(args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def _data_is_current(data: Path) -> bool:
+    """Data made by this checkout's recipe (same format version) is reused; anything else is remade."""
+    manifest = data / "MANIFEST.json"
+    if not manifest.exists():
+        return False
+    sys.path.insert(0, str(REPO))
+    from data_recipes.synthetic_shapes import FORMAT_VERSION
+
+    return json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+
+
 def _latest(pattern: str, root: Path) -> Path:
     found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
     data, out = REPO / args.data, REPO / args.out
-    if not (data / "MANIFEST.json").exists():
+    if not _data_is_current(data):
         _say(f"generating the synthetic shapes data into {data}")
         subprocess.run(
             [

@@ -222,22 +222,32 @@ class LlavaLitModule(L.LightningModule):
                     module.eval()
         return self
 
+    # ----------------------------------------------------------------------------------- scaling
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (e.g. `FSDP2Strategy`): shard the model's declared blocks, then the root."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from .training.fsdp2 import FSDP2Strategy, shard_fsdp2
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
+            return
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
+        else:  # Lightning's own strategy: FSDP2 over its data-parallel dimension with the defaults
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
+        self._sharded = True
+
     # ----------------------------------------------------------------------------------- steps
     def forward(self, batch: dict[str, Any], return_logits: bool = False):
-        pixels = batch.get("pixel_values")
-        features = None
-        if pixels is not None and not any(p.requires_grad for p in self.model.vision_tower.parameters()):
-            with torch.no_grad():  # no graph through a frozen tower; the projector runs outside
-                if pixels.dtype == torch.uint8:
-                    pixels = self.model.normalize_pixels(pixels)
-                features, pixels = self.model.vision_tower(pixels), None
+        # A frozen vision tower runs under no_grad inside `LlavaModel` (through the root module's
+        # forward, which FSDP2 requires).
         return self.model(
             batch["input_ids"],
             batch["attention_mask"],
-            pixels,
+            batch.get("pixel_values"),
             batch["labels"],
             return_logits=return_logits,
-            vision_features=features,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

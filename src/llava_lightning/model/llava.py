@@ -8,6 +8,8 @@ images first, left to right, then sample 1's, and so on. Text-only samples simpl
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,13 @@ class LlavaModel(nn.Module):
         """
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.normalize_pixels(pixel_values)
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        tower = self.vision_tower
+        # A frozen tower runs without building a graph (stage 1 and 2 never backpropagate into it).
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = tower(pixel_values)
+        # The tower may be stored in another dtype (a frozen tower in bf16 under FSDP2) than the projector.
+        return self.multi_modal_projector(features.to(next(self.multi_modal_projector.parameters()).dtype))
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` -> `(x / 255 - mean) / std` in float32 with the tower's mean and std."""
@@ -150,7 +158,9 @@ class LlavaModel(nn.Module):
         image_mask = input_ids == self.image_token_id
         n_tokens = int(image_mask.sum())
         if vision_features is not None:
-            features = self.multi_modal_projector(vision_features)
+            # A frozen tower may be stored in another dtype (bf16 under FSDP2) than the projector.
+            projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+            features = self.multi_modal_projector(vision_features.to(projector_dtype))
         elif pixel_values is None or pixel_values.shape[0] == 0:
             if n_tokens:
                 raise ValueError(
