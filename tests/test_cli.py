@@ -1,6 +1,7 @@
 """The CLI: every shipped YAML parses, and stage 1 -> stage 2 -> export runs end to end on `tiny`."""
 
 import glob
+import importlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ def test_every_yaml_under_conf_is_valid_yaml(name):
         ["stage2.yaml", "tiny.yaml"],
         ["stage2.yaml", "scienceqa.yaml"],
         ["stage2.yaml", "strategy/ddp.yaml"],
+        ["stage2.yaml", "strategy/fsdp2.yaml"],
     ],
 )
 def test_print_config_for_each_stage_and_overlay(files, capsys):
@@ -145,3 +147,22 @@ def test_optuna_sweep_runs_trials_through_the_cli(shapes_dir, tmp_path, monkeypa
         hparams = yaml.safe_load((tmp_path / f"optuna/trial_{t.number}/version_0/hparams.yaml").read_text())
         assert hparams["optim"]["lr"] == pytest.approx(t.params["model.optim.lr"])
     assert trials[0].params != trials[1].params
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONF / "strategy").glob("*.yaml")))
+def test_every_strategy_yaml_builds_its_strategy(name):
+    from llava_lightning.cli import LlavaCLI
+    from llava_lightning.data import LlavaDataModule
+    from llava_lightning.module import LlavaLitModule
+
+    files = ["stage2.yaml", "tiny.yaml", f"strategy/{name}"]
+    args = [a for f in files for a in ("-c", str(CONF / f))] + [
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+    ]
+    cli = LlavaCLI(
+        LlavaLitModule, LlavaDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False
+    )
+    class_path = yaml.safe_load((CONF / "strategy" / name).read_text())["trainer"]["strategy"]["class_path"]
+    module, _, cls = class_path.rpartition(".")
+    assert type(cli.trainer.strategy) is getattr(importlib.import_module(module), cls)

@@ -10,7 +10,9 @@ import pytest
 from conftest import REPO
 
 CONF = REPO / "conf"
-INSTRUCT = "[{kind: instruct, path: data/shapes/instruct/llava_instruct.json, image_root: data/shapes/instruct}]"
+INSTRUCT = (
+    "[{kind: instruct, path: data/shapes/instruct/llava_instruct.json, image_root: data/shapes/instruct}]"
+)
 
 
 def _fit(tmp_path, name: str, devices: int, batch_size: int, *extra: str) -> list[float]:
@@ -50,3 +52,45 @@ def test_fsdp2_two_processes_match_one_process_on_the_same_global_batch(workdir)
     # same token-mean loss; fp32 sums in another order drift by ~1e-6 per step, we allow 1e-4 relative.
     assert fsdp2 == pytest.approx(single, rel=1e-4)
     assert single[-1] < single[0]  # and it trains
+
+
+@pytest.fixture
+def process_group():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_shard_fsdp2_units_dtypes_and_frozen_tower_without_optimizer_state(process_group):
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.fsdp2 import shard_fsdp2
+
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    model = lit.model
+    n_vision = len(model.vision_tower.blocks())
+    n_llm = model.language_model.config.num_hidden_layers
+    units = shard_fsdp2(model, init_device_mesh("cpu", (1,)), param_dtype=None)
+    assert units == n_vision + n_llm + 2  # every block, the tower, the root
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert {p.dtype for p in model.vision_tower.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+    # configure_optimizers only sees trainable parameters: the frozen bf16 tower gets no state
+    groups = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]).param_groups
+    tower_ids = {id(p) for p in model.vision_tower.parameters()}
+    assert not any(id(p) in tower_ids for g in groups for p in g["params"])
+    # and the sharded model trains: the fp32 projector consumes the bf16 tower's features
+    n = model.vision_tower.num_tokens
+    ids = torch.tensor([[1, 5] + [model.image_token_id] * n + [7, 8, 9]])
+    pixels = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    out = model(ids, torch.ones_like(ids), pixels, labels=ids, return_logits=False)
+    out.loss.backward()
+    assert model.multi_modal_projector.linear_1.weight.grad is not None
+    assert all(p.grad is None for p in model.vision_tower.parameters())

@@ -9,7 +9,6 @@ images first, left to right, then sample 1's, and so on. Text-only samples simpl
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
