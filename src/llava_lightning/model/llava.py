@@ -132,7 +132,11 @@ class LlavaModel(nn.Module):
         frozen = not any(p.requires_grad for p in tower.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features = tower(pixel_values)
-        # The tower may be stored in another dtype (a frozen tower in bf16 under FSDP2) than the projector.
+        return self.project(features)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector on vision-tower features, cast first to the projector's dtype (a frozen tower
+        may be stored in another one, e.g. bf16 under FSDP2)."""
         return self.multi_modal_projector(features.to(next(self.multi_modal_projector.parameters()).dtype))
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -157,9 +161,7 @@ class LlavaModel(nn.Module):
         image_mask = input_ids == self.image_token_id
         n_tokens = int(image_mask.sum())
         if vision_features is not None:
-            # A frozen tower may be stored in another dtype (bf16 under FSDP2) than the projector.
-            projector_dtype = next(self.multi_modal_projector.parameters()).dtype
-            features = self.multi_modal_projector(vision_features.to(projector_dtype))
+            features = self.project(vision_features)
         elif pixel_values is None or pixel_values.shape[0] == 0:
             if n_tokens:
                 raise ValueError(
