@@ -55,11 +55,16 @@ def test_fsdp2_two_processes_match_one_process_on_the_same_global_batch(workdir)
 
 
 @pytest.fixture
-def process_group():
+def process_group(monkeypatch):
+    import socket
+
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    with socket.socket() as s:  # a free port; monkeypatch keeps it out of later subprocesses' env
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -94,3 +99,23 @@ def test_shard_fsdp2_units_dtypes_and_frozen_tower_without_optimizer_state(proce
     out.loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad is not None
     assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+def test_fsdp2_sharded_checkpoint_resume_gives_the_uninterrupted_losses(workdir):
+    fsdp2 = [
+        "--trainer.strategy=llava_lightning.training.fsdp2.FSDP2Strategy",
+        "--trainer.strategy.param_dtype=null", "--trainer.strategy.frozen_vision_dtype=null",
+    ]  # fmt: skip
+    ckpt = [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+        f"--trainer.callbacks.dirpath={workdir}/ckpt",
+    ]  # fmt: skip
+    # The uninterrupted run saves a sharded checkpoint after step 2 (what a run killed after step 2
+    # leaves behind); a fresh pair of processes resumes from it.
+    full = _fit(workdir, "full", 2, 2, *fsdp2, *ckpt)
+    saved = workdir / "ckpt" / "epoch=0-step=2.ckpt"
+    assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2  # one shard file per rank
+    resumed = _fit(workdir, "resumed", 2, 2, *fsdp2, f"--ckpt_path={saved}")
+    assert resumed == pytest.approx(full[2:], rel=1e-5)

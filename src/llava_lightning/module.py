@@ -334,6 +334,8 @@ class LlavaLitModule(L.LightningModule):
         if not groups:
             raise ValueError(f"stage {self.stage!r} leaves nothing to train")
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        fit_loop = self.trainer.fit_loop
+        built_before = fit_loop._combined_loader is not None
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError(
@@ -342,6 +344,13 @@ class LlavaLitModule(L.LightningModule):
                 "resampled: true with epoch_length"
             )
         total = max(1, int(total))
+        if not built_before:
+            # Sharp edge: with max_epochs set, `estimated_stepping_batches` builds the train loader
+            # (fit_loop.setup_data) before Lightning restores a checkpoint's loop state, and setup_data
+            # does not run again, so a resumed run would restart the epoch's data from its first
+            # batch. Dropping the early loader makes Lightning build it again after the restore (and
+            # costs one extra loader construction at start).
+            fit_loop._combined_loader = None
         scheduler = warmup_cosine(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
