@@ -344,3 +344,35 @@ def test_trainer_run_logs_seen_and_skipped_per_epoch(model, instruct, tmp_path):
     for row in recorder.rows:
         assert row["data/samples_seen"] == 8
         assert row["data/skipped/missing_image"] == 1 and row["data/skipped/bad_turn_order"] == 1
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __init__(self, start, n):
+        self.start, self.n = start, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.start + i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixture_loader_resumes_after_the_consumed_batches(workers):
+    from llava_lightning.data.mixture import WeightedMixture
+    from llava_lightning.data.sampler import ResumableDataLoader
+
+    def loader():
+        mix = WeightedMixture([_Numbers(0, 50), _Numbers(1000, 30)], [2.0, 1.0], epoch_length=40, seed=3)
+        return ResumableDataLoader(mix, batch_size=4, num_workers=workers)
+
+    full = [b.tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batches": 3} and seen == full[:3]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == full[3:]
+    assert [b.tolist() for b in resumed] == full  # the offset applied to one pass only

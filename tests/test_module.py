@@ -152,12 +152,21 @@ class LossRecorder(Callback):
 
 # max_epochs set: the schedule's step count then comes from the loader's length, which makes
 # Lightning build the loader before it restores the position (the recipes all set max_epochs).
-@pytest.mark.parametrize("max_epochs", [None, 1])
-def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, tmp_path, max_epochs):
+# A mixture of map-style sources (conf/tiny.yaml's stage 2) resumes too.
+@pytest.mark.parametrize("max_epochs,mixture", [(None, False), (1, False), (1, True)])
+def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, tmp_path, max_epochs, mixture):
     def run(callback, ckpt=None):
         torch.manual_seed(0)
         lit = LlavaLitModule(preset="tiny", stage="finetune", optim=OptimConfig(lr=1e-3))
         dm = _instruct_dm(shapes_dir, 4)
+        if mixture:
+            mc = SourceConfig(
+                kind="instruct",
+                path=str(shapes_dir / "instruct/mc_train.json"),
+                image_root=str(shapes_dir / "instruct"),
+            )
+            dm = _instruct_dm(shapes_dir, 4, mixture_epoch_length=48)
+            dm.train_sources = [*dm.train_sources, mc]
         trainer = _trainer(tmp_path, max_steps=8, max_epochs=max_epochs, callbacks=[callback])
         trainer.fit(lit, datamodule=dm, ckpt_path=ckpt)
 

@@ -206,6 +206,8 @@ class LlavaDataModule(L.LightningDataModule):
             dataset.set_epoch(epoch)
             if train:
                 self._iterables.append(dataset)
+            if getattr(dataset, "resumable", False):  # a mixture of map-style sources
+                return ResumableDataLoader(dataset, **common)
             return DataLoader(dataset, **common)
         sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
         sampler.set_epoch(epoch)

@@ -3,6 +3,10 @@
 Map-style sources are read in a random order per pass (split over ranks and workers), iterable
 sources as they stream; every source restarts when it runs out, and the mixture's epoch has a
 fixed number of samples per rank (`epoch_length`), so ranks stay in step.
+
+A mixture of map-style sources is resumable mid-epoch: the draws depend only on (seed, epoch, rank,
+worker), so `resume(batches, batch_size)` fast-forwards each worker past the samples of the batches
+already consumed, drawing indices without reading the records.
 """
 
 from __future__ import annotations
@@ -28,6 +32,26 @@ class WeightedMixture(IterableDataset):
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
         self.sources, self.weights = sources, [float(w) for w in weights]
         self.epoch_length, self.seed, self.epoch = epoch_length, seed, 0
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def resumable(self) -> bool:
+        """Only map-style sources can be fast-forwarded without reading them."""
+        return not any(isinstance(source, IterableDataset) for source in self.sources)
+
+    def resume(self, batches: int, batch_size: int) -> None:
+        """Make the next pass start after `batches` batches of `batch_size` (one pass only)."""
+        if not self.resumable:
+            raise ValueError("a mixture with streamed (iterable) sources cannot resume mid-epoch")
+        self._resume = (batches, batch_size)
+
+    def _skip(self, worker: int, workers: int) -> int:
+        """Samples this worker already delivered: DataLoader takes batches from workers in turn."""
+        if self._resume is None:
+            return 0
+        batches, batch_size = self._resume
+        mine = max(0, -(-(batches - worker) // workers))  # batches b < `batches` with b % workers == worker
+        return mine * batch_size
 
     def __len__(self) -> int:
         return self.epoch_length
@@ -52,7 +76,7 @@ class WeightedMixture(IterableDataset):
                     order
                 )
                 for produced, i in enumerate(order[rank::world][worker::workers], 1):  # noqa: B007
-                    yield source[i]
+                    yield i  # an index: __iter__ reads it unless fast-forwarding
             if not produced:
                 raise RuntimeError(
                     f"mixture source {k} gives rank {rank} worker {worker} no samples (fewer shards or "
@@ -62,8 +86,17 @@ class WeightedMixture(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         rank, world = rank_and_world()
         worker, workers = worker_and_count()
+        if self._resume is not None:
+            # DataLoader takes the first batch of a pass from worker 0, but the next batch due belongs
+            # to worker `batches % workers`: each worker plays the part of that one, shifted.
+            worker = (worker + self._resume[0]) % workers
         rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + rank) * 1009 + worker)
         streams = [self._cycle(k, rank, world, worker, workers) for k in range(len(self.sources))]
-        for _ in range(quota(self.epoch_length, worker, workers)):
-            (stream,) = rng.choices(streams, weights=self.weights)
-            yield next(stream)
+        skip, self._resume = self._skip(worker, workers), None  # an offset applies to one pass only
+        for n in range(quota(self.epoch_length, worker, workers)):
+            (k,) = rng.choices(range(len(streams)), weights=self.weights)
+            value = next(streams[k])
+            if n < skip:
+                continue
+            source = self.sources[k]
+            yield value if isinstance(source, IterableDataset) else source[value]

@@ -59,23 +59,35 @@ class EpochSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over an `EpochSampler` whose position survives a checkpoint."""
+    """A DataLoader whose position survives a checkpoint: over an `EpochSampler`, or over an iterable
+    dataset with `resume(batches, batch_size)` (a mixture of map-style sources)."""
 
-    def __init__(self, dataset, sampler: EpochSampler, **kwargs: Any):
+    def __init__(self, dataset, sampler: EpochSampler | None = None, **kwargs: Any):
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch_sampler = sampler
+        self._start = 0  # batches to skip on the next pass
         self._consumed = 0
 
     def __iter__(self):
-        self._consumed = self._epoch_sampler.start // (self.batch_size or 1)
-        for batch in super().__iter__():
+        self._consumed, self._start = self._start, 0
+        batches = super().__iter__()
+        if self._epoch_sampler is None and self.num_workers > 0:
+            # Workers hold their own copies of the dataset now; the offset must not reach a later pass.
+            self.dataset._resume = None
+        for batch in batches:
             self._consumed += 1
             yield batch
         self._consumed = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch_sampler.epoch, "batches": self._consumed}
+        epoch = self._epoch_sampler.epoch if self._epoch_sampler is not None else self.dataset.epoch
+        return {"epoch": epoch, "batches": self._consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._epoch_sampler.set_epoch(state["epoch"])
-        self._epoch_sampler.start = state["batches"] * (self.batch_size or 1)
+        self._start = state["batches"]
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.set_epoch(state["epoch"])
+            self._epoch_sampler.start = state["batches"] * (self.batch_size or 1)
+        else:
+            self.dataset.set_epoch(state["epoch"])
+            self.dataset.resume(state["batches"], self.batch_size or 1)
