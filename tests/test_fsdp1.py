@@ -1,0 +1,41 @@
+"""FSDP1 (`LlavaFSDPStrategy`): the wrap and checkpointing policies come from the model's declared blocks.
+
+Lightning's FSDPStrategy needs CUDA to wrap, so on CPU the test stops at the parent's `_setup_model`
+and checks what it would have been given; tests/gpu runs the wrapping itself.
+"""
+
+import pytest
+from lightning.pytorch.strategies import FSDPStrategy
+
+from llava_lightning.module import LlavaLitModule
+from llava_lightning.training.fsdp1 import LlavaFSDPStrategy
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_policies_cover_every_declared_block(monkeypatch, checkpoint_blocks):
+    seen = {}
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: seen.update(s=self) or model)
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    strategy = LlavaFSDPStrategy(checkpoint_blocks=checkpoint_blocks, sharding_strategy="HYBRID_SHARD")
+    strategy._lightning_module = lit
+    strategy._setup_model(lit)
+    blocks = set(lit.model.block_classes().values())
+    assert len(blocks) == 2  # the CLIP encoder layer and the Llama decoder layer
+    assert set(seen["s"].kwargs["auto_wrap_policy"]._module_classes) == blocks
+    checkpointing = seen["s"]._activation_checkpointing_kwargs
+    if checkpoint_blocks:
+        assert set(checkpointing["auto_wrap_policy"]._module_classes) == blocks
+    else:
+        assert checkpointing == {}
+    assert strategy.sharding_strategy.name == "HYBRID_SHARD"
+
+
+def test_an_explicit_wrap_policy_wins(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    strategy = LlavaFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
+    strategy._lightning_module = lit
+    strategy._setup_model(lit)
+    assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == {torch.nn.Linear}
