@@ -5,7 +5,9 @@ Input: the LLaVA-Pretrain JSON (records ``{"id", "image", "conversations": [{"fr
 folder. Output: ``OUT/shard-00000.tar ...`` with, per sample, ``{key}.jpg`` (the original bytes,
 not re-encoded; a non-JPEG file keeps its own extension, e.g. ``{key}.png``), ``{key}.txt`` (the
 caption = the gpt turn) and ``{key}.json`` (key, original id and image path, caption, size).
-Keys are 9-digit running numbers in JSON order.
+Keys are 9-digit running numbers in JSON order. ``OUT/sizes.json`` maps each shard's file name to
+its sample count (``{"shard-00000.tar": 10000, ...}``), which ``CaptionShards`` reads to split the
+samples over ranks exactly once.
 
 Samples whose image is missing or unreadable, or that have no caption, are skipped; every skip
 is counted, logged and listed in ``OUT/skipped.jsonl``; ``OUT/stats.json`` holds the counts.
@@ -42,6 +44,7 @@ class ShardWriter:
         self.shard_size = shard_size
         self.shards = 0
         self.samples = 0
+        self.sizes: dict[str, int] = {}  # samples per shard file name
         self._in_shard = 0
         self._tar: tarfile.TarFile | None = None
 
@@ -53,6 +56,7 @@ class ShardWriter:
             )
             self.shards += 1
             self._in_shard = 0
+            self.sizes[f"shard-{self.shards - 1:05d}.tar"] = 0
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
@@ -61,6 +65,7 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self._in_shard += 1
         self.samples += 1
+        self.sizes[f"shard-{self.shards - 1:05d}.tar"] += 1
 
     def close(self) -> None:
         if self._tar is not None:
@@ -172,6 +177,7 @@ def convert(
         "skipped_by_reason": skipped,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1) + "\n", encoding="utf-8")
     return stats
 
 

@@ -6,7 +6,8 @@ question asked about an image has exactly one short, deterministic answer that a
 can learn. The recipe writes four datasets plus a manifest:
 
 - ``DIR/captions/shard-00000.tar ...``: img2dataset-style webdataset shards (stage 1), per
-  sample ``{key}.jpg``, ``{key}.txt`` (caption) and ``{key}.json`` (metadata).
+  sample ``{key}.jpg``, ``{key}.txt`` (caption) and ``{key}.json`` (metadata), and
+  ``DIR/captions/sizes.json`` (``{"shard-00000.tar": 200, ...}``, samples per shard).
 - ``DIR/instruct/llava_instruct.json`` + ``DIR/instruct/images/``: LLaVA instruction data
   (stage 2): single-image, two-image (about 10%) and text-only (about 10%) conversations.
 - ``DIR/instruct/val.json`` (images ``instruct/images/val-*.jpg``): a validation split of the
@@ -72,7 +73,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: captions/sizes.json
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
 STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
@@ -263,6 +264,9 @@ def write_captions(out: Path, seed: int, n: int, image_size: int, shard_size: in
     finally:
         if writer is not None:
             writer.close()
+    # Samples per shard, read by CaptionShards to deal samples out over ranks exactly once.
+    sizes = {f"shard-{k:05d}.tar": min(shard_size, n - k * shard_size) for k in range(n_shards)}
+    write_json(out / "sizes.json", sizes)
     return n_shards
 
 

@@ -119,13 +119,16 @@ def test_truncated_tar_is_a_counted_skip_and_the_stream_goes_on(model, shards, t
 def test_pipe_file_and_fsspec_urls(model, shards):
     import fsspec
 
-    fsspec.filesystem("memory").pipe("/mem/shard.tar", (shards / "shard-00002.tar").read_bytes())
-    for url in [
-        f"pipe:cat {shards}/shard-00002.tar",
-        f"file://{shards}/shard-00002.tar",
-        "memory:///mem/shard.tar",
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/mem/shard.tar", (shards / "shard-00002.tar").read_bytes())
+    memory.pipe("/mem/sizes.json", b'{"shard.tar": 5}')  # remote shards need their sizes
+    for url, sizes in [
+        (f"pipe:cat {shards}/shard-00002.tar", {"shard-00002.tar": 5}),
+        (f"file://{shards}/shard-00002.tar", None),
+        ("memory:///mem/shard.tar", None),
     ]:
-        captions, _ = _drain(CaptionShards(url, _encoder(model), shuffle_buffer=0), model=model)
+        ds = CaptionShards(url, _encoder(model), shuffle_buffer=0, sizes=sizes)
+        captions, _ = _drain(ds, model=model)
         assert sorted(captions) == [f"caption {i}" for i in range(10, 15)], url
 
 

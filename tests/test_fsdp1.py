@@ -39,3 +39,17 @@ def test_an_explicit_wrap_policy_wins(monkeypatch):
     strategy._lightning_module = lit
     strategy._setup_model(lit)
     assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == {torch.nn.Linear}
+
+
+def test_gradient_clipping_goes_through_the_root_fsdp_module():
+    """Lightning's FSDP precision plugin refuses norm clipping; the module clips through the root
+    FSDP module instead (which knows the sharded total norm)."""
+    from types import SimpleNamespace
+
+    clipped = []
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    strategy = LlavaFSDPStrategy()
+    strategy.model = SimpleNamespace(clip_grad_norm_=clipped.append)
+    lit._trainer = SimpleNamespace(strategy=strategy)
+    lit.configure_gradient_clipping(None, 1.0, "norm")
+    assert clipped == [1.0]

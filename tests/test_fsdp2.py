@@ -40,18 +40,45 @@ def workdir(shapes_dir, tmp_path):
     return tmp_path
 
 
+def _last_checkpoint(workdir, name):
+    return [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={workdir}/{name}-ckpt", "--trainer.callbacks.filename=last",
+    ]  # fmt: skip
+
+
 def test_fsdp2_two_processes_match_one_process_on_the_same_global_batch(workdir):
-    single = _fit(workdir, "single", 1, 4)
+    import torch
+    from safetensors.torch import load_file
+
+    from llava_lightning.cli import main
+
+    single = _fit(workdir, "single", 1, 4, *_last_checkpoint(workdir, "single"))
     fsdp2 = _fit(
         workdir, "fsdp2", 2, 2,
         "--trainer.strategy=llava_lightning.training.fsdp2.FSDP2Strategy",
         "--trainer.strategy.param_dtype=null", "--trainer.strategy.frozen_vision_dtype=null",
+        *_last_checkpoint(workdir, "fsdp2"),
     )  # fmt: skip
     assert len(single) == len(fsdp2) == 4
     # Same samples per step (the sampler gives rank r every 2nd index of the one-process order) and the
     # same token-mean loss; fp32 sums in another order drift by ~1e-6 per step, we allow 1e-4 relative.
     assert fsdp2 == pytest.approx(single, rel=1e-4)
     assert single[-1] < single[0]  # and it trains
+    # `export` consolidates the sharded checkpoint folder (one .distcp per rank) into the same llava-hf
+    # weights as the one-process run's file (4 Adam steps from the same init: within 1e-4 absolute).
+    sharded = workdir / "fsdp2-ckpt" / "last.ckpt"
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
+    main(["export", f"--ckpt_path={sharded}", f"--out={workdir}/hf-fsdp2"])
+    main(["export", f"--ckpt_path={workdir}/single-ckpt/last.ckpt", f"--out={workdir}/hf-single"])
+    ours, reference = (
+        load_file(workdir / "hf-fsdp2" / "model.safetensors"),
+        load_file(workdir / "hf-single" / "model.safetensors"),
+    )
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-4, msg=key)
 
 
 @pytest.fixture
@@ -80,6 +107,7 @@ def test_shard_fsdp2_units_dtypes_and_frozen_tower_without_optimizer_state(proce
 
     lit = LlavaLitModule(preset="tiny", stage="finetune")
     model = lit.model
+    projector_before = {k: v.clone() for k, v in model.multi_modal_projector.state_dict().items()}
     n_vision = len(model.vision_tower.blocks())
     n_llm = model.language_model.config.num_hidden_layers
     units = shard_fsdp2(model, init_device_mesh("cpu", (1,)), param_dtype=None)
@@ -87,6 +115,10 @@ def test_shard_fsdp2_units_dtypes_and_frozen_tower_without_optimizer_state(proce
     assert all(isinstance(p, DTensor) for p in model.parameters())
     assert {p.dtype for p in model.vision_tower.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+    # the projector artifact gathers the shards back into plain full tensors
+    gathered = lit.projector_state()
+    assert set(gathered) == set(projector_before)
+    assert all(type(v) is torch.Tensor and torch.equal(v, projector_before[k]) for k, v in gathered.items())
     # configure_optimizers only sees trainable parameters: the frozen bf16 tower gets no state
     groups = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]).param_groups
     tower_ids = {id(p) for p in model.vision_tower.parameters()}

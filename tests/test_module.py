@@ -139,11 +139,48 @@ def test_accumulation_with_uneven_lengths_gives_the_large_batch_gradient(shapes_
             torch.testing.assert_close(other[name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+class StepGradRecorder(LlavaLitModule):
+    """Keeps the (normalized) gradients of every optimizer step, the short last one of an epoch too."""
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        if not hasattr(self, "step_grads"):
+            self.step_grads = []
+        self.step_grads.append({n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None})
+
+
+def test_the_short_last_group_of_an_epoch_gives_its_large_batch_gradient(shapes_dir, tmp_path):
+    # lr 0: the parameters stay put, so a step's gradient depends on its samples only. Epoch positions
+    # 24..31 are the last, short group of 4-sample batches 6, 7 with accumulation 3 (groups 0-2, 3-5,
+    # 6-7 of the 8 batches run), and the 4th batch of 8 samples.
+    grads = []
+    for batch, accumulate, batches, step in [(4, 3, 8, 2), (8, 1, 4, 3)]:
+        torch.manual_seed(0)
+        lit = StepGradRecorder(preset="tiny", stage="finetune", optim=OptimConfig(lr=0.0))
+        trainer = _trainer(
+            tmp_path, max_epochs=1, limit_train_batches=batches, accumulate_grad_batches=accumulate
+        )
+        trainer.fit(lit, datamodule=_instruct_dm(shapes_dir, batch))
+        assert len(lit.step_grads) == step + 1
+        grads.append(lit.step_grads[step])
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 class LossRecorder(Callback):
+    """The logged train/loss of each optimizer step (saving a checkpoint and stopping after `stop_at`)."""
+
     def __init__(self, stop_at=None, path=None):
-        self.losses, self.stop_at, self.path = [], stop_at, path
+        self.losses, self.stop_at, self.path, self.step = [], stop_at, path, None
+
+    def on_train_start(self, trainer, module):
+        self.step = trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            return  # inside an accumulation group
+        self.step = trainer.global_step
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
         if self.stop_at is not None and trainer.global_step == self.stop_at:
             trainer.save_checkpoint(self.path)
@@ -152,9 +189,17 @@ class LossRecorder(Callback):
 
 # max_epochs set: the schedule's step count then comes from the loader's length, which makes
 # Lightning build the loader before it restores the position (the recipes all set max_epochs).
-# A mixture of map-style sources (conf/tiny.yaml's stage 2) resumes too.
-@pytest.mark.parametrize("max_epochs,mixture", [(None, False), (1, False), (1, True)])
-def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, tmp_path, max_epochs, mixture):
+# A mixture of map-style sources (conf/tiny.yaml's stage 2) resumes too. With accumulation 3 and
+# epochs cut to 5 batches, an epoch is a step of 3 batches and a short one of 2; the checkpoint falls
+# after step 3 (the 3rd batch of epoch 1), and the resumed run ends that epoch with its short step
+# and goes on into the next.
+@pytest.mark.parametrize(
+    "max_epochs,mixture,accumulate,limit,steps",
+    [(None, False, 1, 1.0, 8), (1, False, 1, 1.0, 8), (1, True, 1, 1.0, 8), (None, False, 3, 5, 5)],
+)
+def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(
+    shapes_dir, tmp_path, max_epochs, mixture, accumulate, limit, steps
+):
     def run(callback, ckpt=None):
         torch.manual_seed(0)
         lit = LlavaLitModule(preset="tiny", stage="finetune", optim=OptimConfig(lr=1e-3))
@@ -167,7 +212,14 @@ def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, t
             )
             dm = _instruct_dm(shapes_dir, 4, mixture_epoch_length=48)
             dm.train_sources = [*dm.train_sources, mc]
-        trainer = _trainer(tmp_path, max_steps=8, max_epochs=max_epochs, callbacks=[callback])
+        trainer = _trainer(
+            tmp_path,
+            max_steps=steps,
+            max_epochs=max_epochs,
+            limit_train_batches=limit,
+            accumulate_grad_batches=accumulate,
+            callbacks=[callback],
+        )
         trainer.fit(lit, datamodule=dm, ckpt_path=ckpt)
 
     full = LossRecorder()
@@ -176,7 +228,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(shapes_dir, t
     run(first)
     resumed = LossRecorder()
     run(resumed, ckpt=str(tmp_path / "k.ckpt"))
-    assert len(full.losses) == 8 and first.losses == pytest.approx(full.losses[:3], rel=1e-6)
+    assert len(full.losses) == steps and first.losses == pytest.approx(full.losses[:3], rel=1e-6)
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5)
 
 

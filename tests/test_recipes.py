@@ -63,7 +63,14 @@ def test_synthetic_counts_and_manifest(shapes: Path) -> None:
         "shard-00000.tar",
         "shard-00001.tar",
         "shard-00002.tar",
+        "sizes.json",
     ]
+    sizes = json.loads((shapes / "captions" / "sizes.json").read_text())
+    counts = {
+        p.name: len(list(wds.WebDataset(str(p), shardshuffle=False)))
+        for p in (shapes / "captions").glob("*.tar")
+    }
+    assert sizes == counts == {"shard-00000.tar": 20, "shard-00001.tar": 20, "shard-00002.tar": 5}
     assert len(json.loads((shapes / "instruct" / "llava_instruct.json").read_text())) == 120
     assert len(json.loads((shapes / "eval" / "scienceqa_style.json").read_text())) == 150
     assert manifest["instruct"]["samples"] == 120 and manifest["eval"]["samples"] == 150
@@ -311,6 +318,8 @@ def test_lcs558k_to_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert len(urls) == 2
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     assert len(samples) == 6  # 7 records - 1 missing
+    sizes = json.loads((out / "sizes.json").read_text())  # what CaptionShards reads
+    assert sizes == {"shard-00000.tar": 4, "shard-00001.tar": 2}
     ids = [json.loads(s["json"])["id"] for s in samples]
     assert ids == ["000000000", "000000001", "000000002", "000000004", "000000005", "png"]
     first = samples[0]

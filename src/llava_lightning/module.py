@@ -6,14 +6,17 @@ parameters: `align` (projector only, stage 1), `finetune` (projector + LLM, stag
 an option to unfreeze the last k vision blocks. Frozen parts stay in eval mode, and a frozen
 vision tower runs without building a graph.
 
-The loss of an optimizer step is the mean over all its supervised tokens: micro-batches return
-summed token losses, and `on_before_optimizer_step` divides the accumulated gradients by the
-step's token count (summed over gradient-accumulation micro-batches and ranks), so accumulation
-with uneven lengths gives the gradient of one large batch.
+The loss of an optimizer step is the mean over all its supervised tokens (summed over the
+gradient-accumulation micro-batches and the ranks), so accumulation with uneven lengths gives the
+gradient of one large batch. The count is known before backward: the training loader reads each
+step's micro-batches ahead and annotates them with the step's token count (training/step_tokens.py),
+and every micro-batch returns its summed token loss scaled by it. Nothing rescales gradients after
+backward, so the same holds where they live in the strategy's own buffers (DeepSpeed ZeRO).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -25,8 +28,10 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
+from .model.llava import IGNORE_INDEX
 from .training.params import param_groups, param_table
 from .training.schedule import warmup_cosine
+from .training.step_tokens import STEP_FIRST, STEP_TOKENS, count_supervised, token_mean_scale
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,9 @@ class LlavaLitModule(L.LightningModule):
         self.apply_stage()
         self.train_loss = MeanMetric()
         self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
-        self._step_tokens = torch.zeros(())
+        self._step_tokens: torch.Tensor | None = None  # the current step's supervised tokens, all ranks
+        self._logged_tokens: torch.Tensor | None = None
+        self._warned_unannotated = False
 
     # ----------------------------------------------------------------------------------- stages
     def components(self) -> dict[str, torch.nn.Module]:
@@ -200,6 +207,11 @@ class LlavaLitModule(L.LightningModule):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
 
+    def enable_block_checkpointing(self) -> None:
+        """Turn on activation checkpointing of every trained declared block (as `gradient_checkpointing=True`)."""
+        self.gradient_checkpointing = True
+        self._enable_gradient_checkpointing()
+
     def _enable_gradient_checkpointing(self) -> None:
         lm = self.model.language_model
         if any(p.requires_grad for p in lm.parameters()):
@@ -250,33 +262,99 @@ class LlavaLitModule(L.LightningModule):
             return_logits=return_logits,
         )
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if batch["input_ids"].numel() == 0:
-            # Every sample of this batch was skipped: a zero loss that still touches every trainable
-            # parameter, so all ranks run the same backward (DDP would wait otherwise).
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        out = self(batch)
-        self._step_tokens = self._step_tokens.to(out.num_supervised.device) + out.num_supervised
-        self.train_loss.update(out.loss.detach(), weight=out.num_supervised.clamp(min=1))
-        # Summed token losses; `on_before_optimizer_step` turns the accumulated gradient into the
-        # step's token mean.
-        return out.loss_sum
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if stage == "fit" and trainer is not None and trainer.accumulate_grad_batches > 1:
+            if trainer.strategy.handles_gradient_accumulation:
+                raise ValueError(
+                    f"{type(trainer.strategy).__name__} runs gradient accumulation itself, so the loss of an "
+                    "optimizer step cannot be the exact mean over its tokens (the step boundaries and the "
+                    "loss division are the strategy's). For DeepSpeed use "
+                    "llava_lightning.training.deepspeed.LlavaDeepSpeedStrategy (conf/strategy/deepspeed_*.yaml), "
+                    "or set trainer.accumulate_grad_batches to 1"
+                )
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        tokens = self._step_tokens.to(self.device).float()
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # First, on every rank (all are at the same micro-batch): the step's token count over ranks.
+        step_tokens = self._step_token_count(batch)
+        if batch["input_ids"].numel() == 0:
+            return self._empty_batch_loss()
+        out = self(batch)
+        self.train_loss.update(out.loss.detach(), weight=out.num_supervised.clamp(min=1))
+        # Summed token losses over the step's token count (times what Lightning divides by and what
+        # the strategy averages over): the accumulated gradient is the step's token mean.
+        trainer = self.trainer
+        return out.loss_sum * token_mean_scale(
+            step_tokens, trainer.accumulate_grad_batches, trainer.world_size
+        )
+
+    def _sum_over_ranks(self, count: int) -> torch.Tensor:
+        tokens = torch.tensor(count, dtype=torch.long, device=self.device)
         if self.trainer.world_size > 1:
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averages over
-        # ranks; undo both and divide by the step's total token count.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.log("train/tokens", tokens, on_step=True, on_epoch=False)
+        return tokens
+
+    def _step_token_count(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Supervised tokens of this micro-batch's optimizer step over all ranks (summed once per step)."""
+        if STEP_TOKENS in batch:
+            if batch[STEP_FIRST] or self._step_tokens is None:
+                self._step_tokens = self._sum_over_ranks(int(batch[STEP_TOKENS]))
+                self._logged_tokens = self._step_tokens
+            return self._step_tokens
+        # A loader that is not LlavaDataModule's (no look-ahead): each micro-batch is normalized by its
+        # own token count, exact without accumulation, a mean of micro-batch means with it.
+        if self.trainer.accumulate_grad_batches > 1 and not self._warned_unannotated:
+            log.warning(
+                "training batches carry no %r (the loader is not wrapped in StepTokenLoader): with "
+                "gradient accumulation the loss is a mean of micro-batch token means, not the step's",
+                STEP_TOKENS,
+            )
+            self._warned_unannotated = True
+        tokens = self._sum_over_ranks(count_supervised(batch))
+        self._logged_tokens = tokens if self._logged_tokens is None else self._logged_tokens + tokens
+        return tokens * self.trainer.accumulate_grad_batches
+
+    def _empty_batch_loss(self) -> torch.Tensor:
+        """A zero loss for a batch whose samples were all skipped, so every rank runs the same forward
+        and backward: the modules a batch with an image runs, on a dummy sample with nothing
+        supervised. (Summing the parameters instead would do for DDP, but FSDP, FSDP2 and ZeRO-3 gather
+        and reduce module by module, collectively, so the other ranks would wait.)"""
+        return self(self._dummy_batch()).loss_sum * 0.0
+
+    def _dummy_batch(self) -> dict[str, Any]:
+        tower, image_id = self.model.vision_tower, self.model.image_token_id
+        text = 1 if image_id == 0 else 0
+        ids = torch.tensor([[text] + [image_id] * tower.num_tokens + [text]], device=self.device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.full_like(ids, IGNORE_INDEX),
+            "pixel_values": torch.zeros(
+                1, 3, tower.image_size, tower.image_size, dtype=torch.uint8, device=self.device
+            ),
+        }
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except under FSDP1, whose precision plugin refuses norm clipping: there
+        the root FSDP module clips (it knows the sharded total norm)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if (
+            gradient_clip_val
+            and isinstance(strategy, FSDPStrategy)
+            and gradient_clip_algorithm in (None, "norm")
+        ):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._logged_tokens is not None:
+            self.log("train/tokens", self._logged_tokens.float(), on_step=True, on_epoch=False)
         self.log("train/loss", self.train_loss.compute(), on_step=True, on_epoch=False, prog_bar=True)
         self.train_loss.reset()
-        self._step_tokens = torch.zeros((), device=self.device)
+        self._step_tokens = self._logged_tokens = None
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -333,7 +411,9 @@ class LlavaLitModule(L.LightningModule):
         )
         if not groups:
             raise ValueError(f"stage {self.stage!r} leaves nothing to train")
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # A strategy may need its own optimizer class (DeepSpeed's CPU AdamW when it offloads the optimizer).
+        make = getattr(self.trainer.strategy, "make_optimizer", None) or torch.optim.AdamW
+        optimizer = make(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         fit_loop = self.trainer.fit_loop
         built_before = fit_loop._combined_loader is not None
         total = self.trainer.estimated_stepping_batches
@@ -356,20 +436,45 @@ class LlavaLitModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- artifacts
     def on_train_end(self) -> None:
-        if self.stage == "align" and self.projector_artifact and self.trainer.is_global_zero:
-            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            self.save_projector(root / f"{self.projector_artifact}.safetensors")
+        if self.stage == "align" and self.projector_artifact:
+            # Every rank gathers (a collective under sharding); rank 0 writes.
+            state = self.projector_state()
+            if self.trainer.is_global_zero:
+                root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                self.save_projector(root / f"{self.projector_artifact}.safetensors", state)
 
-    def save_projector(self, path: str | Path) -> Path:
-        """Write the projector (safetensors) and a JSON describing it; `init_projector` reads it back."""
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        """The projector's full weights on CPU, gathered from shards where a strategy split them (FSDP2
+        DTensors, FSDP1 flat parameters, ZeRO-3 partitions). Under a sharded strategy every rank must
+        call it."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        from torch.distributed.tensor import DTensor
+
+        projector = self.model.multi_modal_projector
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        gather = contextlib.nullcontext()
+        if isinstance(strategy, FSDPStrategy):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            gather = FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False)
+        elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(projector.parameters()))
+        with gather:
+            return {
+                k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone().contiguous()
+                for k, v in projector.state_dict().items()
+            }
+
+    def save_projector(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the projector (safetensors) and a JSON describing it; `init_projector` reads it back.
+        `state`: the weights from `projector_state()` (gathered on every rank under sharding)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            k: v.detach().cpu().contiguous() for k, v in self.model.multi_modal_projector.state_dict().items()
-        }
-        save_file(state, str(path))
+        save_file(self.projector_state() if state is None else state, str(path))
         meta = {
             "projector": self.model.projector_type,
             "vision": asdict(self.spec.vision),

@@ -23,10 +23,10 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.captions import CaptionShards, iter_tar_samples
+from ..data.captions import CaptionShards
 from ..data.collate import LlavaCollator
 from ..data.image import ImageTransform
-from ..data.sample import SampleEncoder
+from ..data.sample import SKIP, SampleEncoder
 from ..model.language_model import add_image_token
 from ..model.tiny_tokenizer import build_tiny_tokenizer
 from ..model.vision_tower import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -77,8 +77,8 @@ class BaselineShards(IterableDataset):
 
         rank, world = rank_and_world()
         worker, workers = worker_and_count()
-        for url in self.shards.shards_for(rank, world, worker, workers):
-            for raw in iter_tar_samples(url):
+        for raw in self.shards.raw_samples(rank, world, worker, workers):
+            if SKIP not in raw:
                 image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
                 pixels = self.processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
                 caption = raw["txt"].decode()

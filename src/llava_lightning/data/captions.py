@@ -1,26 +1,44 @@
 """Streaming caption shards in img2dataset's webdataset layout (`{key}.jpg|png|webp`, `.txt`, `.json`).
 
 Shards are named by brace-expanded lists, local paths, `pipe:` commands or fsspec URLs (`s3://`,
-`gs://`, `https://`, ...). Shards are split explicitly over ranks, then workers; with `resampled`
-every worker draws shards at random forever and the epoch has a fixed length per rank, so every
-rank runs the same number of steps. A corrupt image, a sample without caption or a truncated tar
-becomes a counted skip; the stream goes on.
+`gs://`, `https://`, ...). Two ways to split them over ranks and DataLoader workers, both giving
+every rank the same number of samples and batches per epoch, so no rank waits for another:
+
+- **One pass** (default): an epoch reads every sample exactly once over all ranks. Samples, not
+  shards, are dealt out: the epoch's sequence of N samples (shards in a shuffled order) is cut into
+  one contiguous range of `ceil(N / world)` slots per rank, the last rank's range padded with
+  `padding` markers (fewer than `world` per epoch); each rank's range is cut the same way into
+  whole-batch runs per worker. A worker opens only the shards its run overlaps and starts at its
+  offset. This needs every shard's sample count: from `sizes.json` in the shards' folder (a JSON
+  object `{"shard-00000.tar": 10000, ...}`; wids' `{"shardlist": [{"url", "nsamples"}]}` also
+  works), else counted from the tar headers of local shards; remote shards without one are an error.
+- **Resampled**: every worker draws shards at random (with replacement) forever, and an epoch is
+  `epoch_length` samples per rank (`epoch_length * world` in all).
+
+A corrupt image, a sample without caption or a truncated tar becomes a counted skip in its slot;
+the stream goes on.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
 
-from .sample import SKIP, SampleEncoder, skip
-from .splitting import quota, rank_and_world, worker_and_count
+from .sample import SKIP, SampleEncoder, padding, skip
+from .splitting import rank_and_world, worker_and_count, worker_range
 
+log = logging.getLogger(__name__)
+
+SIZES_FILE = "sizes.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -42,33 +60,175 @@ def open_url(url: str):
     return open(url.removeprefix("file://"), "rb")
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard grouped by key (`dir/000123.jpg` -> key `dir/000123`, field `jpg`)."""
-    current: dict[str, Any] = {}
+def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, field) of a tar member (`dir/000123.jpg` -> `dir/000123`, `jpg`); None for non-sample members."""
+    if not member.isfile():
+        return None
+    path = member.name
+    base = path.rsplit("/", 1)[-1]
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, field = base.split(".", 1)
+    return path[: len(path) - len(base)] + stem, field.lower()
+
+
+def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples `start` .. `stop - 1` of one shard, grouped by key (consecutive members of one key).
+
+    Samples before `start` are passed over without reading their data, and reading ends at `stop`.
+    A shard that breaks off (truncated tar, I/O error) gives a `bad_shard` marker in place of the
+    sample it was reading (in place of sample 0 if it cannot be opened), so it yields exactly
+    `count_samples(url)` items, and the stream goes on with the next shard.
+    """
+    index, key, current = -1, None, {}
     try:
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                named = _member_key(member)
+                if named is None:
                     continue
-                path = member.name
-                base = path.rsplit("/", 1)[-1]
-                if base.startswith(".") or "." not in base:
+                name, field = named
+                if name != key:
+                    if current:
+                        yield current
+                    index, key, current = index + 1, name, {}
+                    if stop is not None and index >= stop:
+                        return
+                if index < start:
                     continue
-                stem, field = base.split(".", 1)
-                key = path[: len(path) - len(base)] + stem
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current.setdefault("__key__", key)
-                current["__url__"] = url
-                current[field.lower()] = tar.extractfile(member).read()
+                if not current:
+                    current = {"__key__": key, "__url__": url}
+                current[field] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        if current:
-            yield current
-            current = {}
-        yield skip("bad_shard", url, f"{type(err).__name__}: {err}")
+        index = max(index, 0)
+        if start <= index and (stop is None or index < stop):
+            yield skip("bad_shard", f"{url}:{key}", f"{type(err).__name__}: {err}")
+        return
     if current:
         yield current
+
+
+def _local_path(url: str) -> str | None:
+    """The file path of a local shard (plain path or `file://`); None for `pipe:` and remote URLs."""
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
+        return None
+    return url.removeprefix("file://")
+
+
+def count_samples(url: str) -> int:
+    """The number of items `iter_tar_samples(url)` yields (samples, or a broken shard's samples up
+    to and including its `bad_shard` marker). A local shard is scanned header by header, seeking
+    over the data (cheap); any other URL is read in full."""
+    path = _local_path(url)
+    if path is None:
+        return sum(1 for _ in iter_tar_samples(url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"caption shard {url} does not exist")
+    index, key = -1, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                named = _member_key(member)
+                if named is not None and named[0] != key:
+                    index, key = index + 1, named[0]
+    except (tarfile.TarError, OSError, EOFError):
+        index = max(index, 0)  # iter_tar_samples yields its bad_shard marker here
+    return index + 1
+
+
+def _sizes_file(url: str) -> str | None:
+    """Where the `sizes.json` of a shard lives: in the shard's folder (None for `pipe:` commands)."""
+    if url.startswith("pipe:"):
+        return None
+    return f"{url.rsplit('/', 1)[0]}/{SIZES_FILE}" if "/" in url else SIZES_FILE
+
+
+def _parse_sizes(data: Any, where: str) -> dict[str, int]:
+    """`{"shard-00000.tar": 10000, ...}`, or a wids shard index (`{"shardlist": [{"url", "nsamples"}]}`)."""
+    if isinstance(data, Mapping) and isinstance(data.get("shardlist"), list):
+        data = {entry["url"]: entry["nsamples"] for entry in data["shardlist"]}
+    if not isinstance(data, Mapping) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data.values()
+    ):
+        raise ValueError(f"{where}: expected a JSON object mapping shard file names to sample counts")
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def _read_sizes(location: str) -> dict[str, int] | None:
+    try:
+        with open_url(location) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    return _parse_sizes(data, location)
+
+
+def _lookup(table: Mapping[str, int] | None, url: str) -> int | None:
+    if table is None:
+        return None
+    if url in table:
+        return table[url]
+    return table.get(url.rsplit("/", 1)[-1])
+
+
+def shard_sizes(urls: list[str], sizes: str | Mapping[str, int] | None = None) -> list[int]:
+    """Samples per shard: from `sizes` (a JSON file / URL, or a mapping), else from the `sizes.json`
+    in each shard's folder, else, for a local shard, counted by `count_samples`. Names are looked
+    up as given, then by file name. A remote or `pipe:` shard without a known size is an error."""
+    explicit = None
+    if sizes is not None:
+        explicit = _parse_sizes(sizes, "sizes") if isinstance(sizes, Mapping) else _read_sizes(sizes)
+        if explicit is None:
+            raise FileNotFoundError(f"sizes file {sizes} does not exist")
+    tables: dict[str, dict[str, int] | None] = {}
+    counts, scanned = [], 0
+    for url in urls:
+        n = _lookup(explicit, url)
+        location = _sizes_file(url)
+        if n is None and location is not None:
+            if location not in tables:
+                tables[location] = _read_sizes(location)
+            n = _lookup(tables[location], url)
+        if n is None:
+            if _local_path(url) is None:
+                raise ValueError(
+                    f"caption shard {url} has no known sample count, which the non-resampled mode needs "
+                    "to give every rank the same number of samples, each read once. Write a "
+                    f"{SIZES_FILE} next to the shards (a JSON object mapping shard file name to sample "
+                    'count, e.g. {"shard-00000.tar": 10000}; `python data_recipes/shard_sizes.py URLS` '
+                    "writes one), pass `sizes` (such a JSON file or mapping), or use `resampled: true` "
+                    "with an epoch_length."
+                )
+            n = count_samples(url)
+            scanned += 1
+        counts.append(n)
+    if scanned:
+        log.info(
+            "counted the samples of %d local shard(s); a %s next to them saves this", scanned, SIZES_FILE
+        )
+    return counts
+
+
+def write_sizes(urls: str | list[str], out: str | None = None) -> dict[str, int]:
+    """Count the samples of each shard and write `{file name: count}` as JSON to `out` (default: the
+    `sizes.json` in the first shard's folder, merged with what it holds); returns the written table."""
+    urls = expand_urls(urls)
+    out = out or _sizes_file(urls[0])
+    if out is None:
+        raise ValueError("pipe: shards have no folder for sizes.json: pass out=")
+    table = dict(_read_sizes(out) or {})
+    table.update({url.rsplit("/", 1)[-1]: count_samples(url) for url in urls})
+    text = json.dumps(dict(sorted(table.items())), indent=1) + "\n"
+    path = _local_path(out)
+    if path is None:
+        import fsspec
+
+        with fsspec.open(out, "w") as f:
+            f.write(text)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return table
 
 
 def _stream_seed(*parts: int) -> int:
@@ -97,7 +257,13 @@ def shuffled(items: Iterator[dict], buffer: int, rng: random.Random) -> Iterator
 
 
 class CaptionShards(IterableDataset):
-    """Image-caption pairs from webdataset shards, encoded as a one-turn conversation."""
+    """Image-caption pairs from webdataset shards, encoded as a one-turn conversation.
+
+    `len()` is the samples per rank per epoch: `ceil(N / world)` slots in the one-pass mode,
+    `epoch_length` when resampled. Pass the DataLoader's `batch_size` so that workers read whole
+    batches and `len(loader)` is exactly the number of batches it yields (with another batch size
+    the guarantees still hold, only `len(loader)` may be off).
+    """
 
     def __init__(
         self,
@@ -109,12 +275,21 @@ class CaptionShards(IterableDataset):
         seed: int = 0,
         resampled: bool = False,
         epoch_length: int | None = None,
+        sizes: str | Mapping[str, int] | None = None,
+        batch_size: int = 1,
     ):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no shards in {urls!r}")
         if resampled and not epoch_length:
             raise ValueError("resampled caption shards need epoch_length (samples per rank per epoch)")
+        if epoch_length is not None and not resampled:
+            raise ValueError(
+                "epoch_length applies to resampled caption shards; without resampling an epoch is one "
+                "pass over the shards"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.encoder = encoder
         self.caption_prompt = caption_prompt
         self.shuffle_shards = shuffle_shards
@@ -122,33 +297,60 @@ class CaptionShards(IterableDataset):
         self.seed = seed
         self.resampled = resampled
         self.epoch_length = epoch_length
+        self.batch_size = batch_size
         self.epoch = 0
+        # Samples per shard (one-pass mode only), in `urls` order.
+        self.sizes = None if resampled else shard_sizes(self.urls, sizes)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle shards differently each epoch (call before iterating)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        # Samples per rank per epoch, when fixed; a plain shard list has no length known in advance.
-        if self.epoch_length is None:
-            raise TypeError("caption shards without epoch_length have no length")
-        return self.epoch_length
+        """Samples (slots, padding included) per rank per epoch."""
+        if self.resampled:
+            return self.epoch_length
+        return -(-sum(self.sizes) // rank_and_world()[1])
 
-    def shards_for(self, rank: int, world: int, worker: int, workers: int) -> list[str]:
-        """This worker's shards in the non-resampled mode: shuffled by epoch, split by rank then worker."""
-        shards = list(self.urls)
+    def shard_order(self) -> list[tuple[str, int]]:
+        """This epoch's (shard, size) sequence, the same on every rank: shuffled by (seed, epoch)."""
+        order = list(zip(self.urls, self.sizes))
         if self.shuffle_shards:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)
-        return shards[rank::world][worker::workers]
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
 
-    def _raw(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict]:
-        if not self.resampled:
-            for url in self.shards_for(rank, world, worker, workers):
-                yield from iter_tar_samples(url)
+    def slots_for(self, rank: int, world: int, worker: int, workers: int) -> tuple[int, int]:
+        """The worker's slots [first, last) in the epoch's sample sequence (slots >= N are padding)."""
+        per_rank = -(-sum(self.sizes) // world)
+        lo, hi = worker_range(per_rank, worker, workers, self.batch_size)
+        return rank * per_rank + lo, rank * per_rank + hi
+
+    def raw_samples(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict]:
+        """The worker's raw records in order (with skip and padding markers), before shuffling."""
+        if self.resampled:
+            rng = random.Random(_stream_seed(self.seed, self.epoch, rank, worker, 1))
+            lo, hi = worker_range(self.epoch_length, worker, workers, self.batch_size)
+            n, empty = 0, 0
+            while n < hi - lo:
+                before = n
+                for raw in iter_tar_samples(rng.choice(self.urls)):
+                    yield raw
+                    n += 1
+                    if n == hi - lo:
+                        return
+                empty = empty + 1 if n == before else 0
+                if empty > 10 * len(self.urls):
+                    raise RuntimeError(f"resampled caption shards {self.urls[:3]}... hold no samples")
             return
-        rng = random.Random(_stream_seed(self.seed, self.epoch, rank, worker, 1))
-        while True:
-            yield from iter_tar_samples(rng.choice(self.urls))
+        first, last = self.slots_for(rank, world, worker, workers)
+        pos = 0
+        for url, size in self.shard_order():
+            start, stop = max(first, pos) - pos, min(last, pos + size) - pos
+            if start < stop:
+                yield from _shard_slots(url, size, start, stop)
+            pos += size
+        for slot in range(max(first, pos), last):
+            yield padding(f"padding slot {slot} (rank {rank} of {world}, {pos} samples)")
 
     def _encode(self, raw: dict) -> dict:
         if SKIP in raw:
@@ -167,9 +369,20 @@ class CaptionShards(IterableDataset):
         rank, world = rank_and_world()
         worker, workers = worker_and_count()
         rng = random.Random(_stream_seed(self.seed, self.epoch, rank, worker, 2))
-        stream = shuffled(self._raw(rank, world, worker, workers), self.shuffle_buffer, rng)
-        limit = quota(self.epoch_length, worker, workers) if self.epoch_length else None
-        for n, raw in enumerate(stream):
-            if limit is not None and n >= limit:
-                return
+        for raw in shuffled(self.raw_samples(rank, world, worker, workers), self.shuffle_buffer, rng):
             yield self._encode(raw)
+
+
+def _shard_slots(url: str, size: int, start: int, stop: int) -> Iterator[dict]:
+    """Exactly `stop - start` items: the shard's samples `start .. stop - 1`, with `bad_shard`
+    markers for those a shorter shard lacks (its size in sizes.json is stale, or it broke off)."""
+    n = start
+    # One item past the end when it is ours to check, to warn of samples beyond the recorded size.
+    for raw in iter_tar_samples(url, start, stop + 1 if stop == size else stop):
+        if n == stop:
+            log.warning("%s has more than its recorded %d samples; the rest are not read", url, size)
+            return
+        yield raw
+        n += 1
+    for index in range(n, stop):
+        yield skip("bad_shard", f"{url}:#{index}", f"the shard ends before its recorded {size} samples")

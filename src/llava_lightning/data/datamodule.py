@@ -23,7 +23,7 @@ from .image import ImageTransform
 from .instruct import InstructionDataset
 from .mixture import WeightedMixture
 from .prompts import PromptDataset, collate_prompts
-from .sample import SampleEncoder
+from .sample import PADDING, SampleEncoder
 from .sampler import EpochSampler, ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,14 @@ class SourceConfig:
     weight: float = 1.0
     """Sampling weight when a stage mixes several sources."""
     resampled: bool = False
-    """Captions: draw shards at random forever (needs epoch_length); every rank runs the same steps."""
+    """Captions: draw shards at random with replacement (needs epoch_length). Without it an epoch reads
+    every sample exactly once over all ranks (shard sizes from sizes.json); either way every rank
+    runs the same number of steps."""
     epoch_length: int | None = None
-    """Captions: samples per rank per epoch (required with resampled)."""
+    """Captions: samples per rank per epoch with resampled (epoch_length * world in all)."""
+    sizes: str | None = None
+    """Captions: JSON file of samples per shard (`{"shard-00000.tar": 10000, ...}`); default: the
+    sizes.json beside the shards, else local shards are counted."""
 
 
 # Checkpoints store the data module's hyperparameters; allow these under torch.load(weights_only=True).
@@ -169,7 +174,7 @@ class LlavaDataModule(L.LightningDataModule):
                 raise RuntimeError("LlavaDataModule needs connect(model) before use outside a Trainer")
             self.connect(self.trainer.lightning_module.model)
 
-    def _build(self, source: SourceConfig, train: bool) -> Dataset | IterableDataset:
+    def _build(self, source: SourceConfig, train: bool, batch_size: int) -> Dataset | IterableDataset:
         if source.kind == "captions":
             return CaptionShards(
                 source.path,
@@ -178,7 +183,9 @@ class LlavaDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer if train else 0,
                 seed=self.seed,
                 resampled=source.resampled and train,
-                epoch_length=source.epoch_length if train else None,
+                epoch_length=source.epoch_length if source.resampled and train else None,
+                sizes=None if source.resampled and train else source.sizes,
+                batch_size=batch_size,
             )
         if source.kind == "instruct":
             if source.image_root is None:
@@ -189,7 +196,8 @@ class LlavaDataModule(L.LightningDataModule):
     def _loader(self, sources: list[SourceConfig], train: bool) -> DataLoader:
         if self.encoder is None:
             self.setup()
-        datasets = [self._build(s, train) for s in sources]
+        # Alone, caption shards read whole batches per worker (len(loader) exact); in a mixture, samples.
+        datasets = [self._build(s, train, self.batch_size if len(sources) == 1 else 1) for s in sources]
         if len(datasets) > 1:
             if not self.mixture_epoch_length:
                 raise ValueError(
@@ -218,8 +226,17 @@ class LlavaDataModule(L.LightningDataModule):
         for dataset in self._iterables:
             dataset.set_epoch(epoch)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_sources, train=True)
+    def train_dataloader(self) -> Any:
+        # Batches come grouped by optimizer step and annotated with the step's token count, so the
+        # module can scale each micro-batch loss before backward (training/step_tokens.py).
+        from ..training.step_tokens import StepTokenLoader
+
+        loader, trainer = self._loader(self.train_sources, train=True), self.trainer
+        if trainer is None:
+            return StepTokenLoader.wrap(loader)
+        return StepTokenLoader.wrap(
+            loader, lambda: trainer.accumulate_grad_batches, lambda: trainer.limit_train_batches
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_sources, train=False) if self.val_sources else []
@@ -260,15 +277,18 @@ class LlavaDataModule(L.LightningDataModule):
     def count(self, batch: dict) -> None:
         """Add a batch's kept and skipped samples to the epoch's counters."""
         skipped = batch.get("skipped") or {}
-        self.seen += len(batch["input_ids"]) + sum(skipped.values())
+        # Padding slots (which even out ranks) are counted under skipped/padding, not as samples seen.
+        self.seen += len(batch["input_ids"]) + sum(v for k, v in skipped.items() if k != PADDING)
         self.skipped.update(skipped)
 
     def epoch_summary(self) -> dict[str, int]:
         """Samples seen and skipped per reason since the last call (logged, then reset)."""
         summary = {"samples_seen": self.seen, **{f"skipped/{k}": v for k, v in sorted(self.skipped.items())}}
-        if self.skipped:
+        if set(self.skipped) - {PADDING}:
             log.warning("data: %d samples seen, skipped %s", self.seen, dict(self.skipped))
         else:
-            log.info("data: %d samples seen, none skipped", self.seen)
+            log.info(
+                "data: %d samples seen, none skipped (%d padding slots)", self.seen, self.skipped[PADDING]
+            )
         self.seen, self.skipped = 0, Counter()
         return summary

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from .sample import SampleEncoder
+from .sample import SampleEncoder, padding
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class InstructionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | None) -> dict[str, Any]:
+        if i is None:  # `EpochSampler.PAD`: a slot that evens out the ranks, counted as `padding`
+            return padding(f"{self.index.path}[padding]")
         record = self.index[i]
         where = f"{self.index.path}[{i}]"
         if not isinstance(record, dict) or "conversations" not in record:

@@ -3,7 +3,8 @@
 `SampleEncoder` is the one place where a record meets the template, the tokenizer and the image
 transform; both the caption shards and the instruction JSON use it. A record that cannot be used
 becomes a `skip(reason, where)` marker (or, in strict mode, an exception naming the record), which
-the collator counts and drops: nothing is dropped silently.
+the collator counts and drops: nothing is dropped silently. The slots that give every rank the same
+number of samples are `padding` markers, counted the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ def skip(reason: str, where: str, detail: str = "") -> dict[str, str]:
     """A marker the collator counts under `reason`; `where` names the record (file / key / index)."""
     log.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
     return {SKIP: reason, "where": where}
+
+
+PADDING = "padding"
+"""Skip reason of the slots that even out ranks (`world * ceil(N / world) - N` per epoch, fewer than
+`world`): counted like any skip, but expected, so not logged as a warning and not a sample seen."""
+
+
+def padding(where: str) -> dict[str, str]:
+    """A padding slot's marker: the collator counts it under `padding` and drops it."""
+    return {SKIP: PADDING, "where": where}
 
 
 class StrictModeError(RuntimeError):

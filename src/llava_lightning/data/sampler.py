@@ -1,8 +1,11 @@
 """Resumable, rank-aware sampling for map-style data (instruction JSON).
 
-`EpochSampler` draws one permutation per epoch from (seed, epoch), shared by all ranks, and gives
-each rank an equal share (padding by wrap-around so every rank runs the same number of steps, as
-`DistributedSampler` does). `ResumableDataLoader` counts the batches it has handed out; Lightning
+`EpochSampler` draws one permutation per epoch from (seed, epoch), shared by all ranks, and deals it
+out to the ranks in turn (rank r takes positions r, r + world, ...). Every rank gets
+`ceil(N / world)` positions, so all ranks run the same number of steps; the
+`world * ceil(N / world) - N` positions past the end are `PAD` (None), which the dataset turns into
+a counted `padding` skip, so every sample is read exactly once per epoch (`DistributedSampler`
+repeats samples instead). `ResumableDataLoader` counts the batches it has handed out; Lightning
 stores that in checkpoints (the loader is "stateful") and, on resume, the sampler starts after the
 samples already consumed, so a resumed run sees exactly the batches the uninterrupted run would.
 """
@@ -17,9 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .splitting import rank_and_world
 
+PAD = None
+"""The index of a padding position: `InstructionDataset[PAD]` is a `padding` skip marker."""
+
 
 class EpochSampler(DistributedSampler):
-    """Shuffled (or ordered) indices for this rank, for the current epoch, from an offset.
+    """Shuffled (or ordered) indices for this rank, for the current epoch, from an offset; `PAD`
+    (None) marks the padding positions (only on the last ranks, only at the end of their share).
 
     Subclasses `DistributedSampler` only so that Lightning recognises it as rank-aware and does
     not wrap it again; it keeps its own state and does not call `DistributedSampler.__init__`
@@ -44,7 +51,7 @@ class EpochSampler(DistributedSampler):
         self._refresh_rank()
         return -(-self.length // self.world)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | None]:
         self._refresh_rank()
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -52,7 +59,7 @@ class EpochSampler(DistributedSampler):
         else:
             order = list(range(self.length))
         per_rank = -(-self.length // self.world)
-        order += order[: per_rank * self.world - self.length]  # wrap so every rank gets per_rank
+        order += [PAD] * (per_rank * self.world - self.length)  # fewer than `world` padding positions
         mine = order[self.rank :: self.world]
         start, self.start = self.start, 0  # an offset applies to one pass only
         return iter(mine[start:])

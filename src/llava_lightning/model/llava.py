@@ -168,7 +168,15 @@ class LlavaModel(nn.Module):
                     f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids "
                     "but no pixel_values were given"
                 )
-            return embeds
+            if not (self.training and torch.is_grad_enabled()):
+                return embeds
+            # Training on a batch without images (text-only samples): the tower and projector still run,
+            # on a blank image, adding zero, so every rank runs the same modules in the same order
+            # whatever its batch holds (ZeRO and FSDP gather and reduce module by module, collectively;
+            # DDP expects a gradient for every trainable parameter), as LLaVA does.
+            size = self.vision_tower.image_size
+            blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=input_ids.device)
+            return embeds + self.get_image_features(blank).sum().to(embeds.dtype) * 0.0
         else:
             features = self.get_image_features(pixel_values)
         n_features = features.shape[0] * features.shape[1]
