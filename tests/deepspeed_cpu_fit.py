@@ -1,6 +1,7 @@
 """One optimizer step of the tiny model, for tests/test_deepspeed.py: plain on one process, or under
 `LlavaDeepSpeedStrategy` on CPU processes (DeepSpeed's CPU accelerator, gloo). Writes the parameter
-change of an SGD step with lr 1 (minus the gradient) of rank 0 to OUT.
+change of an SGD step with lr 1 (minus the gradient) of rank 0 to OUT, the trained parameters after
+the step to OUT.after and, under DeepSpeed, the checkpoint folder OUT.ckpt.
 
     python tests/deepspeed_cpu_fit.py OUT SHAPES_DIR plain|zero2|zero3 DEVICES BATCH_SIZE ACCUMULATE
 
@@ -74,8 +75,12 @@ def main(out, shapes, mode, devices, batch_size, accumulate):
         gathered = contextlib.nullcontext()
     with gathered:
         delta = {n: before[n] - p.detach() for n, p in lit.named_parameters() if n in before}
+        after = {n: p.detach().clone() for n, p in lit.named_parameters() if n in before}
+    if stage:  # a DeepSpeed checkpoint folder (one shard per rank) for the export test
+        trainer.save_checkpoint(f"{out}.ckpt")
     if trainer.global_rank == 0:
         torch.save(delta, out)
+        torch.save(after, f"{out}.after")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def _cpu_step(tmp_path, mode: str, devices: int, batch_size: int, accumulate: in
             "DeepSpeed could not build its CPU communication op here (needs a C++ compiler and ninja)"
         )
     assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,17 @@ def test_zero_on_two_cpu_processes_with_accumulation_steps_with_the_one_large_ba
     assert set(zero) == set(one_large_batch_step)
     for name, expected in one_large_batch_step.items():
         torch.testing.assert_close(zero[name], expected, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_export_consolidates_a_zero3_checkpoint_folder(shapes_dir, tmp_path):
+    """`export`'s consolidation turns the per-rank ZeRO-3 shards back into the full trained weights."""
+    from llava_lightning.cli import consolidated
+
+    _cpu_step(tmp_path, "zero3", 2, 1, 1, shapes_dir)
+    folder = tmp_path / "zero3.pt.ckpt"
+    assert folder.is_dir()
+    after = torch.load(tmp_path / "zero3.pt.after", weights_only=True)
+    with consolidated(folder) as path:
+        state = torch.load(path, weights_only=True)["state_dict"]
+    for name, value in after.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
