@@ -59,3 +59,21 @@ def shapes_dir(tmp_path_factory):
         out, seed=0, n_captions=48, n_instruct=48, n_eval=12, shard_size=16, n_mc_train=24, n_val=12
     )
     return out
+
+
+def trainer_for_strategy_yaml(name: str):
+    """The Trainer the CLI builds for `stage2.yaml + tiny.yaml + strategy/NAME` (nothing runs)."""
+    from llava_lightning.cli import LlavaCLI
+    from llava_lightning.data import LlavaDataModule
+    from llava_lightning.module import LlavaLitModule
+
+    conf = REPO / "conf"
+    files = ["stage2.yaml", "tiny.yaml", f"strategy/{name}"]
+    args = [a for f in files for a in ("-c", str(conf / f))] + [
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+    ]
+    cli = LlavaCLI(
+        LlavaLitModule, LlavaDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False
+    )
+    return cli.trainer

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, trainer_for_strategy_yaml
 
 from llava_lightning.cli import main
 from llava_lightning.data.image import decode_image
@@ -151,18 +151,7 @@ def test_optuna_sweep_runs_trials_through_the_cli(shapes_dir, tmp_path, monkeypa
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (CONF / "strategy").glob("*.yaml")))
 def test_every_strategy_yaml_builds_its_strategy(name):
-    from llava_lightning.cli import LlavaCLI
-    from llava_lightning.data import LlavaDataModule
-    from llava_lightning.module import LlavaLitModule
-
-    files = ["stage2.yaml", "tiny.yaml", f"strategy/{name}"]
-    args = [a for f in files for a in ("-c", str(CONF / f))] + [
-        "--trainer.logger=false",
-        "--trainer.callbacks=[]",
-    ]
-    cli = LlavaCLI(
-        LlavaLitModule, LlavaDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False
-    )
+    trainer = trainer_for_strategy_yaml(name)
     class_path = yaml.safe_load((CONF / "strategy" / name).read_text())["trainer"]["strategy"]["class_path"]
     module, _, cls = class_path.rpartition(".")
-    assert type(cli.trainer.strategy) is getattr(importlib.import_module(module), cls)
+    assert type(trainer.strategy) is getattr(importlib.import_module(module), cls)
