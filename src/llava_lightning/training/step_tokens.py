@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..model.llava import IGNORE_INDEX
 
 STEP_TOKENS = "step_tokens"
 """Batch key: supervised tokens of this rank's micro-batches in the batch's optimizer step (an int)."""
