@@ -316,22 +316,21 @@ class LlavaLitModule(L.LightningModule):
 
     def _empty_batch_loss(self) -> torch.Tensor:
         """A zero loss for a batch whose samples were all skipped, so every rank runs the same forward
-        and backward: the modules a batch with an image runs, on a dummy sample with nothing
+        and backward: the modules a batch with an image runs, on a dummy text sample with nothing
         supervised. (Summing the parameters instead would do for DDP, but FSDP, FSDP2 and ZeRO-3 gather
         and reduce module by module, collectively, so the other ranks would wait.)"""
         return self(self._dummy_batch()).loss_sum * 0.0
 
     def _dummy_batch(self) -> dict[str, Any]:
-        tower, image_id = self.model.vision_tower, self.model.image_token_id
-        text = 1 if image_id == 0 else 0
-        ids = torch.tensor([[text] + [image_id] * tower.num_tokens + [text]], device=self.device)
+        # Text only, nothing supervised: in training, `LlavaModel.embed` runs the vision tower and the
+        # projector on a blank image for a batch without images, so every module runs.
+        text = 1 if self.model.image_token_id == 0 else 0  # any id but the image token's
+        ids = torch.tensor([[text, text]], device=self.device)
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
             "labels": torch.full_like(ids, IGNORE_INDEX),
-            "pixel_values": torch.zeros(
-                1, 3, tower.image_size, tower.image_size, dtype=torch.uint8, device=self.device
-            ),
+            "pixel_values": None,
         }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
