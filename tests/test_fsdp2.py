@@ -48,7 +48,7 @@ def _last_checkpoint(workdir, name):
     ]  # fmt: skip
 
 
-def test_fsdp2_two_processes_match_one_process_on_the_same_global_batch(workdir):
+def test_fsdp2_with_sharded_init_on_two_processes_matches_one_process_on_the_same_global_batch(workdir):
     import torch
     from safetensors.torch import load_file
 
@@ -59,11 +59,13 @@ def test_fsdp2_two_processes_match_one_process_on_the_same_global_batch(workdir)
         workdir, "fsdp2", 2, 2,
         "--trainer.strategy=llava_lightning.training.fsdp2.FSDP2Strategy",
         "--trainer.strategy.param_dtype=null", "--trainer.strategy.frozen_vision_dtype=null",
-        *_last_checkpoint(workdir, "fsdp2"),
+        "--model.sharded_init=true", *_last_checkpoint(workdir, "fsdp2"),
     )  # fmt: skip
     assert len(single) == len(fsdp2) == 4
-    # Same samples per step (the sampler gives rank r every 2nd index of the one-process order) and the
-    # same token-mean loss; fp32 sums in another order drift by ~1e-6 per step, we allow 1e-4 relative.
+    # Sharded init (meta skeleton, sharded, then rank 0's weights broadcast shard by shard) starts from
+    # the one-process run's weights: same samples per step (the sampler gives rank r every 2nd index of
+    # the one-process order), same token-mean loss; fp32 sums in another order drift by ~1e-6 per
+    # step, we allow 1e-4 relative. Wrong or uninitialised weights anywhere would be far off.
     assert fsdp2 == pytest.approx(single, rel=1e-4)
     assert single[-1] < single[0]  # and it trains
     # `export` consolidates the sharded checkpoint folder (one .distcp per rank) into the same llava-hf

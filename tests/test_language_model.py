@@ -84,3 +84,28 @@ def test_tiny_tokenizers_are_built_offline_and_round_trip(family):
             [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
         )
         assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_hub_named_parts_build_from_their_configs_alone_as_a_meta_skeleton(tmp_path):
+    # What `LlavaLitModule(sharded_init=True)` builds on every rank before sharding: no weights read.
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llava_lightning.model import LlavaModel, LlavaSpec
+
+    vision = {k: v for k, v in TINY_CLIP.items() if k != "model_type"}
+    CLIPVisionModel(CLIPVisionConfig(**vision)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor().save_pretrained(tmp_path / "clip")
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(tmp_path / "lm")
+    build_tiny_tokenizer("llama").save_pretrained(tmp_path / "lm")
+    spec = LlavaSpec(
+        vision=VisionSpec(name=str(tmp_path / "clip")), language=LanguageSpec(name=str(tmp_path / "lm"))
+    )
+    loaded = LlavaModel.from_spec(spec)
+    with torch.device("meta"):
+        skeleton = LlavaModel.from_spec(spec, load_weights=False)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {
+        n: p.shape for n, p in loaded.named_parameters()
+    }
+    assert skeleton.image_token_id == loaded.image_token_id

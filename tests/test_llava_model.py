@@ -95,3 +95,22 @@ def test_uint8_pixels_are_normalised_on_the_model_side(tiny):
     floats = (raw.float() / 255 - mean) / std
     with torch.no_grad():
         torch.testing.assert_close(tiny.get_image_features(raw), tiny.get_image_features(floats))
+
+
+def test_text_only_batch_runs_the_tower_in_eval_only_when_sharded(tiny):
+    # Sharded strategies gather parameters module by module on every rank together: a rank whose batch
+    # has no image must still run the tower (on a blank image, adding zero), in validation too.
+    calls = []
+    hook = tiny.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    ids = sample_ids(tiny, images=0, text=20)[None]
+    try:
+        with torch.no_grad():
+            plain = tiny.embed(ids)  # eval, not sharded: nothing extra runs
+            assert calls == []
+            tiny.tower_on_text_only = True
+            sharded = tiny.embed(ids)
+            assert calls == [1]
+        torch.testing.assert_close(sharded, plain, rtol=0, atol=0)
+    finally:
+        tiny.tower_on_text_only = False
+        hook.remove()

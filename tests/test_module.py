@@ -54,6 +54,63 @@ def test_lora_trains_adapters_and_projector_only():
     assert any(g["name"].startswith("multi_modal_projector") for g in _groups(lit))
 
 
+def _same_weights(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_sharded_init_builds_an_empty_skeleton_and_non_fsdp2_strategies_get_the_eager_weights():
+    torch.manual_seed(0)
+    eager = LlavaLitModule(preset="tiny", stage="finetune")
+    torch.manual_seed(0)
+    lit = LlavaLitModule(preset="tiny", stage="finetune", sharded_init=True)
+    # No storage at all (meta), same names, shapes and trainable set as the eager build.
+    assert all(p.is_meta for p in lit.parameters())
+    assert {n: (p.shape, p.requires_grad) for n, p in lit.named_parameters()} == {
+        n: (p.shape, p.requires_grad) for n, p in eager.named_parameters()
+    }
+    # A strategy that does not shard (here one device) builds the full model in `setup`, from the RNG
+    # state `__init__` saw: the weights the eager build has.
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False)
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader([]))
+    _same_weights(lit, eager)
+    assert [n for n, p in lit.named_parameters() if p.requires_grad] == [
+        n for n, p in eager.named_parameters() if p.requires_grad
+    ]
+
+
+def test_a_sharded_init_skeleton_loads_a_checkpoint():
+    # `load_from_checkpoint` (export, notebooks): the skeleton gets storage first, then the weights.
+    eager = LlavaLitModule(preset="tiny", stage="finetune")
+    lit = LlavaLitModule(preset="tiny", stage="finetune", sharded_init=True)
+    state = {f"model.{k}": v for k, v in eager.model.state_dict().items()}
+    lit.on_load_checkpoint({"state_dict": state})
+    lit.load_state_dict(state)
+    _same_weights(lit, eager)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp2"])
+def test_sharding_strategies_run_the_tower_on_text_only_batches_in_every_loop(strategy):
+    # Under FSDP2 / FSDP / DeepSpeed a validation rank without images must still gather the tower's
+    # parameters with the others (LlavaModel.embed's blank-image path); DDP and one device need not.
+    from llava_lightning.training.fsdp2 import FSDP2Strategy
+
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    lit.trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=FSDP2Strategy() if strategy == "fsdp2" else strategy,
+        logger=False,
+    )
+    lit.setup("validate")
+    assert lit.model.tower_on_text_only is (strategy == "fsdp2")
+
+
+def test_sharded_init_with_lora_is_refused():
+    with pytest.raises(ValueError, match="lora"):
+        LlavaLitModule(preset="tiny", stage="lora", sharded_init=True)
+
+
 def _groups(lit):
     trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     lit.trainer = trainer

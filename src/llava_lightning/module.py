@@ -78,6 +78,13 @@ class OptimConfig:
 torch.serialization.add_safe_globals([LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig])
 
 
+def _shards_modules(strategy) -> bool:
+    """Strategies that gather parameters module by module on all ranks together (FSDP2, FSDP, DeepSpeed)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy))
+
+
 class LlavaLitModule(L.LightningModule):
     """LLaVA training: stage-specific freezing, token-normalized loss, metrics, projector hand-off."""
 
@@ -95,6 +102,7 @@ class LlavaLitModule(L.LightningModule):
         template: str = "vicuna_v1",
         image_aspect: Literal["square", "pad"] = "pad",
         max_new_tokens: int = 64,
+        sharded_init: bool = False,
     ):
         """
         Args:
@@ -111,6 +119,8 @@ class LlavaLitModule(L.LightningModule):
             template: Conversation template for generation / predict (training data has its own).
             image_aspect: Image aspect handling for generation / predict.
             max_new_tokens: Generation length for predict.
+            sharded_init: Build the model as an empty meta-device skeleton and load the weights after
+                FSDP2 sharding (rank 0 reads them, every rank keeps its shard); FSDP2 strategies only.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -122,15 +132,45 @@ class LlavaLitModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.init_projector, self.projector_artifact = init_projector, projector_artifact
         self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
-        self.model = LlavaModel.from_spec(self.spec)
-        if init_projector:
-            self.model.init_projector_from(init_projector)
+        self.sharded_init = sharded_init
+        if sharded_init:
+            if stage == "lora":
+                raise ValueError(
+                    "sharded_init does not support stage 'lora' (peft wraps a materialized model)"
+                )
+            # The weights come later (configure_model), from the RNG state a direct build would use now.
+            self._init_rng_state = torch.random.get_rng_state()
+            with torch.device("meta"):
+                self.model = LlavaModel.from_spec(self.spec, load_weights=False)
+        else:
+            self.model = self._build_model()
         self.apply_stage()
         self.train_loss = MeanMetric()
         self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self._step_tokens: torch.Tensor | None = None  # the current step's supervised tokens, all ranks
         self._logged_tokens: torch.Tensor | None = None
         self._warned_unannotated = False
+
+    def _build_model(self) -> LlavaModel:
+        """The full model on CPU: weights by hub name (random init for `config` parts) + `init_projector`."""
+        model = LlavaModel.from_spec(self.spec)
+        if self.init_projector:
+            model.init_projector_from(self.init_projector)
+        return model
+
+    def _build_model_with_init_rng(self) -> LlavaModel:
+        """`_build_model` from the RNG state of `__init__`: the weights a non-sharded run starts from."""
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.random.set_rng_state(self._init_rng_state)
+            return self._build_model()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # `load_from_checkpoint` of a sharded_init run (export, notebooks): give the skeleton real
+        # storage first (loading into meta tensors would silently do nothing). Weights are not read from
+        # the hub here: the checkpoint's state dict overwrites them next.
+        if any(p.is_meta for p in self.model.parameters()):
+            self.model = LlavaModel.from_spec(self.spec, load_weights=False)
+            self.apply_stage()
 
     # ----------------------------------------------------------------------------------- stages
     def components(self) -> dict[str, torch.nn.Module]:
@@ -248,6 +288,11 @@ class LlavaLitModule(L.LightningModule):
             strategy.shard(self.model)
         else:  # Lightning's own strategy: FSDP2 over its data-parallel dimension with the defaults
             shard_fsdp2(self.model, self.device_mesh["data_parallel"])
+        if self.sharded_init:
+            from .training.sharded_init import materialize_sharded
+
+            build = self._build_model_with_init_rng if self.global_rank == 0 else None
+            materialize_sharded(self.model, build, strategy.root_device)
         self._sharded = True
 
     # ----------------------------------------------------------------------------------- steps
@@ -264,6 +309,19 @@ class LlavaLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self.sharded_init and not isinstance(trainer.strategy, ModelParallelStrategy):
+            if any(p.is_meta for p in self.model.parameters()):
+                # Here, not in configure_model: DeepSpeed ZeRO-3 runs that hook under zero.Init.
+                log.warning(
+                    "model.sharded_init applies to FSDP2 (conf/strategy/fsdp2.yaml); under %s every rank "
+                    "builds the full model",
+                    type(trainer.strategy).__name__,
+                )
+                self.model = self._build_model_with_init_rng()
+                self.apply_stage()
+        self.model.tower_on_text_only = _shards_modules(trainer.strategy)
         if stage == "fit" and trainer is not None and trainer.accumulate_grad_batches > 1:
             if trainer.strategy.handles_gradient_accumulation:
                 raise ValueError(

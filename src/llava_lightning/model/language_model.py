@@ -40,8 +40,12 @@ def add_image_token(tokenizer, image_token: str = "<image>", pad_token: str = "<
     return tokenizer.convert_tokens_to_ids(image_token)
 
 
-def build_language_model(spec: LanguageSpec) -> tuple[nn.Module, object, int]:
-    """(causal LM, tokenizer, image-token id) for the spec; embeddings resized to fit the tokenizer."""
+def build_language_model(spec: LanguageSpec, load_weights: bool = True) -> tuple[nn.Module, object, int]:
+    """(causal LM, tokenizer, image-token id) for the spec; embeddings resized to fit the tokenizer.
+
+    `load_weights=False` builds a hub-named model from its config alone (random init; under
+    `torch.device("meta")` an empty skeleton whose weights are loaded later, after sharding).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = load_tokenizer(spec)
@@ -49,6 +53,9 @@ def build_language_model(spec: LanguageSpec) -> tuple[nn.Module, object, int]:
     if spec.config is not None:
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    elif not load_weights:
+        config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     else:
         lm = AutoModelForCausalLM.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)

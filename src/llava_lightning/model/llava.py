@@ -73,13 +73,20 @@ class LlavaModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
         self.projector_type = projector
+        self.tower_on_text_only = False
+        """Run tower + projector (on a blank image, adding zero) for image-less batches outside training
+        too: set under sharding strategies, whose ranks must run the same modules (`LlavaLitModule.setup`)."""
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def from_spec(cls, spec: LlavaSpec) -> LlavaModel:
-        """Build from a `LlavaSpec` (hub names load weights; `config` fields build random-init parts)."""
-        tower = build_vision_tower(spec.vision)
-        lm, tokenizer, image_token_id = build_language_model(spec.language)
+    def from_spec(cls, spec: LlavaSpec, load_weights: bool = True) -> LlavaModel:
+        """Build from a `LlavaSpec` (hub names load weights; `config` fields build random-init parts).
+
+        `load_weights=False` reads only the hub configs; under `torch.device("meta")` that is the empty
+        skeleton `LlavaLitModule(sharded_init=True)` shards before any weight is loaded.
+        """
+        tower = build_vision_tower(spec.vision, load_weights)
+        lm, tokenizer, image_token_id = build_language_model(spec.language, load_weights)
         return cls(tower, lm, tokenizer, image_token_id, spec.projector)
 
     @classmethod
@@ -168,12 +175,13 @@ class LlavaModel(nn.Module):
                     f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids "
                     "but no pixel_values were given"
                 )
-            if not (self.training and torch.is_grad_enabled()):
+            if not (self.training and torch.is_grad_enabled()) and not self.tower_on_text_only:
                 return embeds
-            # Training on a batch without images (text-only samples): the tower and projector still run,
-            # on a blank image, adding zero, so every rank runs the same modules in the same order
-            # whatever its batch holds (ZeRO and FSDP gather and reduce module by module, collectively;
-            # DDP expects a gradient for every trainable parameter), as LLaVA does.
+            # A batch without images (text-only samples), in training or under a sharding strategy: the
+            # tower and projector still run, on a blank image, adding zero, so every rank runs the same
+            # modules in the same order whatever its batch holds (ZeRO and FSDP gather parameters
+            # module by module, collectively, in validation too; DDP expects a gradient for every
+            # trainable parameter), as LLaVA does.
             size = self.vision_tower.image_size
             blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=input_ids.device)
             return embeds + self.get_image_features(blank).sum().to(embeds.dtype) * 0.0

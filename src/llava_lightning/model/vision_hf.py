@@ -112,7 +112,7 @@ class HFVisionTower(VisionTower):
         self.image_std = tuple(image_std or default_std)
 
     @classmethod
-    def from_spec(cls, spec: VisionSpec) -> HFVisionTower:
+    def from_spec(cls, spec: VisionSpec, load_weights: bool = True) -> HFVisionTower:
         from transformers import AutoConfig, AutoModel
 
         mean, std = spec.image_mean, spec.image_std
@@ -122,7 +122,7 @@ class HFVisionTower(VisionTower):
             config = AutoConfig.for_model(model_type, **cfg)
             hf_model = AutoModel.from_config(_vision_config(config))
         else:
-            hf_model = _load_vision_model(spec.name)
+            hf_model = _load_vision_model(spec.name, load_weights)
             if mean is None or std is None:
                 from transformers import AutoImageProcessor
 
@@ -140,10 +140,14 @@ class HFVisionTower(VisionTower):
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
 
-def _load_vision_model(name: str) -> nn.Module:
-    """Load only the vision half of a hub checkpoint (e.g. CLIPVisionModel from a full CLIP repo)."""
+def _load_vision_model(name: str, load_weights: bool = True) -> nn.Module:
+    """Load only the vision half of a hub checkpoint (e.g. CLIPVisionModel from a full CLIP repo);
+    `load_weights=False` builds it from the config alone."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     vision_config = _vision_config(AutoConfig.from_pretrained(name))
-    return MODEL_MAPPING[type(vision_config)].from_pretrained(name, config=vision_config)
+    model_class = MODEL_MAPPING[type(vision_config)]
+    if not load_weights:
+        return model_class(vision_config)
+    return model_class.from_pretrained(name, config=vision_config)

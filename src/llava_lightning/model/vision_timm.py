@@ -53,11 +53,11 @@ class TimmVisionTower(VisionTower):
         self.image_std = tuple(image_std or data_cfg["std"])
 
     @classmethod
-    def from_spec(cls, spec: VisionSpec) -> TimmVisionTower:
+    def from_spec(cls, spec: VisionSpec, load_weights: bool = True) -> TimmVisionTower:
         import timm
 
         kwargs = dict(spec.config or {})
-        pretrained = spec.config is None
+        pretrained = spec.config is None and load_weights
         kwargs["num_classes"] = 0
         model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
         return cls(model, spec.feature_layer, spec.select_strategy, spec.image_mean, spec.image_std)

@@ -64,14 +64,15 @@ def normalize_feature_layers(feature_layer: int | list[int], num_layers: int) ->
     return out
 
 
-def build_vision_tower(spec: VisionSpec) -> VisionTower:
-    """Build the tower described by `spec` (weights from the hub/path, or random init from `spec.config`)."""
+def build_vision_tower(spec: VisionSpec, load_weights: bool = True) -> VisionTower:
+    """Build the tower described by `spec` (weights from the hub/path, or random init from `spec.config`;
+    `load_weights=False`: a hub-named tower from its config alone)."""
     if spec.library == "transformers":
         from .vision_hf import HFVisionTower
 
-        return HFVisionTower.from_spec(spec)
+        return HFVisionTower.from_spec(spec, load_weights)
     if spec.library == "timm":
         from .vision_timm import TimmVisionTower
 
-        return TimmVisionTower.from_spec(spec)
+        return TimmVisionTower.from_spec(spec, load_weights)
     raise ValueError(f"unknown vision library {spec.library!r}: use 'transformers' or 'timm'")
