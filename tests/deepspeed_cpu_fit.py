@@ -3,7 +3,10 @@
 change of an SGD step with lr 1 (minus the gradient) of rank 0 to OUT, the trained parameters after
 the step to OUT.after and, under DeepSpeed, the checkpoint folder OUT.ckpt.
 
-    python tests/deepspeed_cpu_fit.py OUT SHAPES_DIR plain|zero2|zero3 DEVICES BATCH_SIZE ACCUMULATE
+    python tests/deepspeed_cpu_fit.py OUT SHAPES_DIR plain|zero2|zero3|zero3-sharded DEVICES BATCH_SIZE ACCUMULATE
+
+`zero3-sharded` saves the plain build's weights (model folders + projector artifact) and builds from
+them with `sharded_init=True`, under zero.Init.
 
 Lightning's DeepSpeedStrategy refuses anything but CUDA; `CPUDeepSpeed` skips those checks only.
 """
@@ -46,10 +49,32 @@ class SGDLit(LlavaLitModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=1.0)
 
 
+def _saved(lit, root):
+    """A spec naming folders that hold `lit`'s vision tower and language model (as hub names would)."""
+    from llava_lightning.model import LanguageSpec, LlavaSpec, VisionSpec
+
+    model = lit.model
+    model.vision_tower.hf_model.save_pretrained(f"{root}/vision")
+    model.language_model.save_pretrained(f"{root}/lm")
+    model.tokenizer.save_pretrained(f"{root}/lm")
+    tower = model.vision_tower
+    return LlavaSpec(
+        vision=VisionSpec(name=f"{root}/vision", image_mean=tower.image_mean, image_std=tower.image_std),
+        projector=model.projector_type,
+        language=LanguageSpec(name=f"{root}/lm"),
+    )
+
+
 def main(out, shapes, mode, devices, batch_size, accumulate):
     torch.manual_seed(0)
     lit = SGDLit(preset="tiny", stage="finetune")
     before = {n: p.detach().clone() for n, p in lit.named_parameters() if p.requires_grad}
+    if mode.endswith("-sharded"):
+        # The same weights, loaded the way a real run loads them (from_pretrained by path, the projector
+        # from an artifact), built under zero.Init in configure_model instead (sharded_init).
+        lit = SGDLit(spec=_saved(lit, os.path.dirname(out)), stage="finetune", sharded_init=True,
+                     init_projector=str(lit.save_projector(f"{out}.projector.safetensors")))  # fmt: skip
+        mode = mode.removesuffix("-sharded")
     source = SourceConfig(
         kind="instruct", path=f"{shapes}/instruct/llava_instruct.json", image_root=f"{shapes}/instruct"
     )
@@ -66,6 +91,8 @@ def main(out, shapes, mode, devices, batch_size, accumulate):
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=os.path.dirname(out),
     )  # fmt: skip
     trainer.fit(lit, datamodule=dm)
+    if lit.sharded_init:  # built in configure_model, under zero.Init, with transformers told of ZeRO-3
+        assert hasattr(lit, "_hf_deepspeed_config")
     params = [p for n, p in lit.named_parameters() if n in before]
     if stage == 3:
         import deepspeed

@@ -85,6 +85,19 @@ def _shards_modules(strategy) -> bool:
     return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy))
 
 
+def _is_zero3(strategy) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def _inits_sharded(strategy) -> bool:
+    """Strategies that load weights after sharding with `sharded_init`: FSDP2 and DeepSpeed ZeRO-3."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy) or _is_zero3(strategy)
+
+
 class LlavaLitModule(L.LightningModule):
     """LLaVA training: stage-specific freezing, token-normalized loss, metrics, projector hand-off."""
 
@@ -119,8 +132,9 @@ class LlavaLitModule(L.LightningModule):
             template: Conversation template for generation / predict (training data has its own).
             image_aspect: Image aspect handling for generation / predict.
             max_new_tokens: Generation length for predict.
-            sharded_init: Build the model as an empty meta-device skeleton and load the weights after
-                FSDP2 sharding (rank 0 reads them, every rank keeps its shard); FSDP2 strategies only.
+            sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
+                it is sharded (FSDP2, DeepSpeed ZeRO-3), so no rank but 0 holds the full model; other
+                strategies build it in full on every rank.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +177,25 @@ class LlavaLitModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.random.set_rng_state(self._init_rng_state)
             return self._build_model()
+
+    def _build_under_zero_init(self, strategy) -> None:
+        """DeepSpeed ZeRO-3 sharded init: `configure_model` runs under `deepspeed.zero.Init`, so each
+        module's parameters are partitioned as soon as it is built (rank 0's values broadcast), and
+        transformers' `from_pretrained` loads hub weights into the partitions (it sees ZeRO-3 through
+        `HfDeepSpeedConfig`, which must stay alive: transformers holds only a weak reference)."""
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.set_rng_state(self._init_rng_state)
+            model = LlavaModel.from_spec(self.spec)
+        if self.init_projector:
+            projector = list(model.multi_modal_projector.parameters())
+            with deepspeed.zero.GatheredParameters(projector, modifier_rank=0):
+                model.init_projector_from(self.init_projector)
+        self.model = model
+        self.apply_stage()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` of a sharded_init run (export, notebooks): give the skeleton real
@@ -282,6 +315,9 @@ class LlavaLitModule(L.LightningModule):
         from .training.fsdp2 import FSDP2Strategy, shard_fsdp2
 
         strategy = self._trainer.strategy if self._trainer is not None else None
+        if _is_zero3(strategy) and self.sharded_init and any(p.is_meta for p in self.model.parameters()):
+            self._build_under_zero_init(strategy)
+            return
         if not isinstance(strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
             return
         if isinstance(strategy, FSDP2Strategy):
@@ -309,14 +345,12 @@ class LlavaLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if self.sharded_init and not isinstance(trainer.strategy, ModelParallelStrategy):
+        if self.sharded_init and not _inits_sharded(trainer.strategy):
             if any(p.is_meta for p in self.model.parameters()):
-                # Here, not in configure_model: DeepSpeed ZeRO-3 runs that hook under zero.Init.
+                # Here, not in configure_model: DeepSpeed runs that hook under zero.Init.
                 log.warning(
-                    "model.sharded_init applies to FSDP2 (conf/strategy/fsdp2.yaml); under %s every rank "
-                    "builds the full model",
+                    "model.sharded_init applies to FSDP2 and DeepSpeed ZeRO-3; under %s every rank builds "
+                    "the full model",
                     type(trainer.strategy).__name__,
                 )
                 self.model = self._build_model_with_init_rng()

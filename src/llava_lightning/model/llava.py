@@ -44,6 +44,11 @@ class LlavaOutput:
     """The language model's KV cache when it returned one."""
 
 
+def _full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (the local tensor is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def _has_logit_postprocessing(config) -> bool:
     # Models that soft-cap or scale logits after lm_head (Gemma-2, Cohere, Granite) cannot use the
     # "lm_head on supervised positions only" shortcut; they take the language model's own forward.
@@ -67,7 +72,7 @@ class LlavaModel(nn.Module):
     ):
         super().__init__()
         self.vision_tower = vision_tower
-        hidden = language_model.get_input_embeddings().weight.shape[1]
+        hidden = _full_shape(language_model.get_input_embeddings().weight)[1]
         self.multi_modal_projector = build_projector(projector, vision_tower.hidden_size, hidden)
         self.language_model = language_model
         self.tokenizer = tokenizer
