@@ -53,3 +53,37 @@ def test_gradient_clipping_goes_through_the_root_fsdp_module():
     lit._trainer = SimpleNamespace(strategy=strategy)
     lit.configure_gradient_clipping(None, 1.0, "norm")
     assert clipped == [1.0]
+
+
+def test_sharded_init_keeps_weights_on_rank_0_only_and_fsdp_copies_them_to_the_others(monkeypatch):
+    import types
+
+    import torch
+
+    seen = {}
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: seen.update(s=self) or model)
+    strategy = LlavaFSDPStrategy()
+    strategy.parallel_devices = [torch.device("cpu")]
+    per_rank = {}
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        lit = LlavaLitModule(preset="tiny", stage="finetune", sharded_init=True)
+        lit._trainer = types.SimpleNamespace(strategy=strategy, global_rank=rank)
+        lit.setup("validate")
+        per_rank[rank] = lit
+    # rank 0 built the weights (those of a plain build with the seed), rank 1 kept the skeleton
+    torch.manual_seed(0)
+    plain = LlavaLitModule(preset="tiny", stage="finetune")
+    for p, q in zip(per_rank[0].parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert all(p.is_meta for p in per_rank[1].parameters())
+    # every rank asks FSDP to allocate meta units and copy rank 0's parameters and buffers in
+    strategy._lightning_module = per_rank[1]
+    strategy._setup_model(per_rank[1])
+    kwargs = seen["s"].kwargs
+    assert kwargs["sync_module_states"] is True
+    rotary = per_rank[1].model.language_model.model.rotary_emb
+    kwargs["param_init_fn"](per_rank[1].model.multi_modal_projector.linear_1)
+    kwargs["param_init_fn"](rotary)
+    assert not per_rank[1].model.multi_modal_projector.linear_1.weight.is_meta
+    assert not rotary.inv_freq.is_meta

@@ -91,11 +91,17 @@ def _is_zero3(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
+def _is_fsdp1(strategy) -> bool:
+    from .training.fsdp1 import LlavaFSDPStrategy
+
+    return isinstance(strategy, LlavaFSDPStrategy)
+
+
 def _inits_sharded(strategy) -> bool:
-    """Strategies that load weights after sharding with `sharded_init`: FSDP2 and DeepSpeed ZeRO-3."""
+    """Strategies that load weights after sharding with `sharded_init`: FSDP2, FSDP1 (ours), ZeRO-3."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return isinstance(strategy, ModelParallelStrategy) or _is_zero3(strategy)
+    return isinstance(strategy, ModelParallelStrategy) or _is_zero3(strategy) or _is_fsdp1(strategy)
 
 
 class LlavaLitModule(L.LightningModule):
@@ -345,12 +351,22 @@ class LlavaLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
-        if self.sharded_init and not _inits_sharded(trainer.strategy):
+        if (
+            self.sharded_init
+            and _is_fsdp1(trainer.strategy)
+            and any(p.is_meta for p in self.model.parameters())
+        ):
+            # FSDP1: rank 0 holds the real weights, the others keep the skeleton; the wrapper allocates
+            # their shards and copies rank 0's (sync_module_states, LlavaFSDPStrategy).
+            if trainer.global_rank == 0:
+                self.model = self._build_model_with_init_rng()
+                self.apply_stage()
+        elif self.sharded_init and not _inits_sharded(trainer.strategy):
             if any(p.is_meta for p in self.model.parameters()):
                 # Here, not in configure_model: DeepSpeed runs that hook under zero.Init.
                 log.warning(
-                    "model.sharded_init applies to FSDP2 and DeepSpeed ZeRO-3; under %s every rank builds "
-                    "the full model",
+                    "model.sharded_init applies to FSDP2, FSDP (LlavaFSDPStrategy) and DeepSpeed ZeRO-3; "
+                    "under %s every rank builds the full model",
                     type(trainer.strategy).__name__,
                 )
                 self.model = self._build_model_with_init_rng()

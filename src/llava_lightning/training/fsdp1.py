@@ -56,4 +56,11 @@ class LlavaFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         for policy in self._declared:
             policy.fill(self.lightning_module)
+        if getattr(self.lightning_module, "sharded_init", False):
+            # Sharded init: only rank 0 holds weights (`LlavaLitModule.setup`); elsewhere the model is a
+            # meta skeleton whose units get storage for their shard only as FSDP wraps them, then rank
+            # 0's parameters and buffers are copied in (the same on every rank, as FSDP requires).
+            device = self.root_device
+            self.kwargs["sync_module_states"] = True
+            self.kwargs["param_init_fn"] = lambda module: module.to_empty(device=device, recurse=False)
         return super()._setup_model(model)
