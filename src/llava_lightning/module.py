@@ -139,8 +139,8 @@ class LlavaLitModule(L.LightningModule):
             image_aspect: Image aspect handling for generation / predict.
             max_new_tokens: Generation length for predict.
             sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
-                it is sharded (FSDP2, DeepSpeed ZeRO-3), so no rank but 0 holds the full model; other
-                strategies build it in full on every rank.
+                it is sharded (FSDP2, FSDP, DeepSpeed ZeRO-3), so no rank but 0 holds the full model;
+                other strategies build it in full on every rank.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -171,36 +171,37 @@ class LlavaLitModule(L.LightningModule):
         self._logged_tokens: torch.Tensor | None = None
         self._warned_unannotated = False
 
-    def _build_model(self) -> LlavaModel:
-        """The full model on CPU: weights by hub name (random init for `config` parts) + `init_projector`."""
+    def _build_model(self, zero3: bool = False) -> LlavaModel:
+        """The full model: weights by hub name (random init for `config` parts) + `init_projector`
+        (`zero3`: built under zero.Init, so the projector artifact loads into gathered partitions)."""
         model = LlavaModel.from_spec(self.spec)
         if self.init_projector:
-            model.init_projector_from(self.init_projector)
+            gather = contextlib.nullcontext()
+            if zero3:
+                import deepspeed
+
+                projector = list(model.multi_modal_projector.parameters())
+                gather = deepspeed.zero.GatheredParameters(projector, modifier_rank=0)
+            with gather:
+                model.init_projector_from(self.init_projector)
         return model
 
-    def _build_model_with_init_rng(self) -> LlavaModel:
-        """`_build_model` from the RNG state of `__init__`: the weights a non-sharded run starts from."""
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+    def _build_model_with_init_rng(self, zero3: bool = False) -> LlavaModel:
+        """`_build_model` from the RNG state of `__init__`: the weights a non-sharded run starts from;
+        on CPU, except under zero.Init, which places and partitions the parameters itself."""
+        with torch.random.fork_rng(devices=[]), contextlib.nullcontext() if zero3 else torch.device("cpu"):
             torch.random.set_rng_state(self._init_rng_state)
-            return self._build_model()
+            return self._build_model(zero3)
 
     def _build_under_zero_init(self, strategy) -> None:
         """DeepSpeed ZeRO-3 sharded init: `configure_model` runs under `deepspeed.zero.Init`, so each
         module's parameters are partitioned as soon as it is built (rank 0's values broadcast), and
         transformers' `from_pretrained` loads hub weights into the partitions (it sees ZeRO-3 through
         `HfDeepSpeedConfig`, which must stay alive: transformers holds only a weak reference)."""
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
-        with torch.random.fork_rng(devices=[]):
-            torch.random.set_rng_state(self._init_rng_state)
-            model = LlavaModel.from_spec(self.spec)
-        if self.init_projector:
-            projector = list(model.multi_modal_projector.parameters())
-            with deepspeed.zero.GatheredParameters(projector, modifier_rank=0):
-                model.init_projector_from(self.init_projector)
-        self.model = model
+        self.model = self._build_model_with_init_rng(zero3=True)
         self.apply_stage()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -351,18 +352,14 @@ class LlavaLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
-        if (
-            self.sharded_init
-            and _is_fsdp1(trainer.strategy)
-            and any(p.is_meta for p in self.model.parameters())
-        ):
-            # FSDP1: rank 0 holds the real weights, the others keep the skeleton; the wrapper allocates
-            # their shards and copies rank 0's (sync_module_states, LlavaFSDPStrategy).
-            if trainer.global_rank == 0:
-                self.model = self._build_model_with_init_rng()
-                self.apply_stage()
-        elif self.sharded_init and not _inits_sharded(trainer.strategy):
-            if any(p.is_meta for p in self.model.parameters()):
+        if self.sharded_init and any(p.is_meta for p in self.model.parameters()):
+            if _is_fsdp1(trainer.strategy):
+                # FSDP1: rank 0 holds the real weights, the others keep the skeleton; the wrapper
+                # allocates their shards and copies rank 0's (sync_module_states, LlavaFSDPStrategy).
+                if trainer.global_rank == 0:
+                    self.model = self._build_model_with_init_rng()
+                    self.apply_stage()
+            elif not _inits_sharded(trainer.strategy):
                 # Here, not in configure_model: DeepSpeed runs that hook under zero.Init.
                 log.warning(
                     "model.sharded_init applies to FSDP2, FSDP (LlavaFSDPStrategy) and DeepSpeed ZeRO-3; "
