@@ -36,16 +36,17 @@ def test_vision_tower_loads_vision_half_of_a_full_clip_checkpoint_by_path(tmp_pa
 
 def test_language_model_loads_by_path_and_gains_image_and_pad_tokens(tmp_path):
     cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    lm = LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": 1000}))
     tok = build_tiny_tokenizer("llama")
+    n = len(tok)  # a model whose vocabulary is exactly its tokenizer's, as on the hub
+    lm = LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": n}))
     lm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, tokenizer, image_id = build_language_model(LanguageSpec(name=str(tmp_path)))
     assert tokenizer.convert_ids_to_tokens(image_id) == "<image>"
-    assert tokenizer.pad_token == "<pad>" and len(tokenizer) == 1002
+    assert tokenizer.pad_token == "<pad>" and len(tokenizer) == n + 2
     emb = model.get_input_embeddings().weight
-    assert emb.shape[0] == 1024  # 1002 rounded up to a multiple of 64
-    assert torch.equal(emb[:1000], lm.get_input_embeddings().weight)
+    assert emb.shape[0] == -(-(n + 2) // 64) * 64  # rounded up to a multiple of 64
+    assert torch.equal(emb[:n], lm.get_input_embeddings().weight)
     assert tokenizer("a <image> b", add_special_tokens=False)["input_ids"].count(image_id) == 1
 
 

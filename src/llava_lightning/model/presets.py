@@ -32,7 +32,7 @@ TINY_TIMM = {
 }
 TINY_LLAMA = {
     "model_type": "llama",
-    "vocab_size": 1024,
+    "vocab_size": 1408,  # the tiny tokenizers (1322 / 1375 pieces with <image> and <pad>), rounded up to 64
     "hidden_size": 256,
     "intermediate_size": 688,
     "num_hidden_layers": 4,

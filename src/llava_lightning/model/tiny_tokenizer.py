@@ -26,7 +26,8 @@ question context following best correct A B C D E first second third only both e
 background foreground contains containing drawn drawing placed located appears appear has have
 user assistant system human gpt chat between curious artificial intelligence gives helpful detailed
 polite answers questions you are able understand visual content provides assist variety tasks
-using natural language vision INST SYS USER ASSISTANT caption captions text plain
+using natural language vision INST SYS USER ASSISTANT caption captions text plain same more fewer
+than nothing opposite sides points grid cells round equal mixing sky clear day grass get do does
 """.split()
 
 _SENTENCES = [
@@ -51,6 +52,9 @@ def _corpus() -> list[str]:
     for i in range(0, len(words), 7):
         lines.append(" ".join(words[i : i + 7]) + ".")
     lines += [f"{n} {n + 1} {n * 3}" for n in range(100)]
+    # Words that start a line (after a newline they carry no `▁`, as in Llama).
+    starters = "What Which How Where Is Are Describe Context Answer Question A B C D E The There".split()
+    lines += ["".join("\n" + w for w in starters[i : i + 4]) for i in range(0, len(starters), 4)]
     lines.append("! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~ \n \t")
     return lines * 3
 
@@ -68,7 +72,15 @@ def _train_llama(vocab_size: int):
 
     specials = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # A newline is a piece of its own and the word after it gets no `▁`, as in Llama ("\nB. red" ->
+    # "\n", "B", ".", "▁red"); without the split, BPE merges newlines into the next word.
+    metaspace = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        ]
+    )
     tok.pre_tokenizer = metaspace
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
@@ -118,7 +130,7 @@ def _trained(family: str, vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tiny_tokenizer(family: str = "llama", vocab_size: int = 1000):
+def build_tiny_tokenizer(family: str = "llama", vocab_size: int = 2000):
     """A `PreTrainedTokenizerFast` of the given family (`llama` or `chatml`), built offline."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
