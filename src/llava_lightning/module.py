@@ -204,11 +204,15 @@ class LlavaLitModule(L.LightningModule):
         self.model = self._build_model_with_init_rng(zero3=True)
         self.apply_stage()
 
+    def _is_skeleton(self) -> bool:
+        """The model is still the meta-device skeleton of `sharded_init` (no storage yet)."""
+        return any(p.is_meta for p in self.model.parameters())
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` of a sharded_init run (export, notebooks): give the skeleton real
         # storage first (loading into meta tensors would silently do nothing). Weights are not read from
         # the hub here: the checkpoint's state dict overwrites them next.
-        if any(p.is_meta for p in self.model.parameters()):
+        if self._is_skeleton():
             self.model = LlavaModel.from_spec(self.spec, load_weights=False)
             self.apply_stage()
 
@@ -322,7 +326,7 @@ class LlavaLitModule(L.LightningModule):
         from .training.fsdp2 import FSDP2Strategy, shard_fsdp2
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if _is_zero3(strategy) and self.sharded_init and any(p.is_meta for p in self.model.parameters()):
+        if _is_zero3(strategy) and self.sharded_init and self._is_skeleton():
             self._build_under_zero_init(strategy)
             return
         if not isinstance(strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
@@ -352,7 +356,7 @@ class LlavaLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
-        if self.sharded_init and any(p.is_meta for p in self.model.parameters()):
+        if self.sharded_init and self._is_skeleton():
             if _is_fsdp1(trainer.strategy):
                 # FSDP1: rank 0 holds the real weights, the others keep the skeleton; the wrapper
                 # allocates their shards and copies rank 0's (sync_module_states, LlavaFSDPStrategy).

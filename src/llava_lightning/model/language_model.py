@@ -10,6 +10,7 @@ import logging
 
 from torch import nn
 
+from .shapes import full_shape
 from .specs import LanguageSpec
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ def build_language_model(spec: LanguageSpec, load_weights: bool = True) -> tuple
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     else:
         lm = AutoModelForCausalLM.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
-    weight = lm.get_input_embeddings().weight
-    vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions leave an empty local tensor
+    vocab = full_shape(lm.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
         log.info("resizing %s embeddings %d -> %d (+ padding)", type(lm).__name__, vocab, len(tokenizer))
         lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=spec.pad_vocab_to_multiple_of)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .language_model import build_language_model, decoder_block_class
 from .projector import build_projector
+from .shapes import full_shape
 from .specs import LlavaSpec
 from .vision_tower import VisionTower, build_vision_tower
 
@@ -42,11 +43,6 @@ class LlavaOutput:
     """Number of supervised tokens behind `loss`."""
     cache: Any = None
     """The language model's KV cache when it returned one."""
-
-
-def _full_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (the local tensor is then empty)."""
-    return getattr(param, "ds_shape", param.shape)
 
 
 def _has_logit_postprocessing(config) -> bool:
@@ -72,7 +68,7 @@ class LlavaModel(nn.Module):
     ):
         super().__init__()
         self.vision_tower = vision_tower
-        hidden = _full_shape(language_model.get_input_embeddings().weight)[1]
+        hidden = full_shape(language_model.get_input_embeddings().weight)[1]
         self.multi_modal_projector = build_projector(projector, vision_tower.hidden_size, hidden)
         self.language_model = language_model
         self.tokenizer = tokenizer

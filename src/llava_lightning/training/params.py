@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..model.shapes import full_numel
+
 
 def param_table(components: dict[str, nn.Module]) -> str:
     """A text table of trainable and frozen parameter counts per component."""
     rows = [("component", "trainable", "frozen", "total")]
     totals = [0, 0]
     for name, module in components.items():
-        trainable = sum(_numel(p) for p in module.parameters() if p.requires_grad)
-        frozen = sum(_numel(p) for p in module.parameters() if not p.requires_grad)
+        trainable = sum(full_numel(p) for p in module.parameters() if p.requires_grad)
+        frozen = sum(full_numel(p) for p in module.parameters() if not p.requires_grad)
         totals[0] += trainable
         totals[1] += frozen
         rows.append((name, f"{trainable:,}", f"{frozen:,}", f"{trainable + frozen:,}"))
@@ -44,8 +46,3 @@ def param_groups(components: dict[str, tuple[nn.Module, float]], weight_decay: f
         if no_decay:
             groups.append({"name": f"{name}/no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
     return groups
-
-
-def _numel(p: nn.Parameter) -> int:
-    # DeepSpeed ZeRO-3 leaves an empty local tensor and records the full size in `ds_numel`.
-    return getattr(p, "ds_numel", p.numel())
