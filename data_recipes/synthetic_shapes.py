@@ -13,11 +13,14 @@ can learn. The recipe writes four datasets plus a manifest:
 - ``DIR/instruct/val.json`` (images ``instruct/images/val-*.jpg``): a validation split of the
   instruction data from its own stream (validation loss / perplexity, and sweeps' metric).
 - ``DIR/instruct/mc_train.json`` (images ``instruct/images/mc-*.jpg``): multiple-choice
-  questions in the eval format, for training (LLaVA-1.5's mix has such "answer with the
-  option's letter" data too), from a stream of their own: no image is shared with the eval set.
+  questions in the eval format with fixed-order options, for training (LLaVA-1.5's mix has such
+  "answer with the option's letter" data too), from a stream of their own: no image is shared with
+  the eval set.
 - ``DIR/eval/scienceqa_style.json`` + ``DIR/eval/images/``: a held-out multiple-choice set in
   the record format of ``scienceqa_to_llava.py`` (``id``, ``image``, ``conversations``,
-  ``answer_letter``, ``options``), drawn from its own random stream.
+  ``answer_letter``, ``options``), drawn from its own random stream, with 3-4 shuffled options;
+  ``DIR/eval/scienceqa_style_fixed.json``: the same images and questions with each question
+  type's whole answer set as options, in one fixed order (`write_eval` says why).
 - ``DIR/MANIFEST.json``: the seed, the arguments and the counts.
 
 Output is byte-identical for the same arguments: fixed JPEG settings, sorted JSON keys, tar
@@ -73,7 +76,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
-FORMAT_VERSION = 3  # 3: captions/sizes.json
+# 3: captions/sizes.json; 4: one-shape MC scenes, neutral questions, fixed and shuffled option orders.
+FORMAT_VERSION = 4
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
 STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
@@ -470,18 +474,47 @@ def multiple_choice_prompt(question: str, options: Sequence[str], context: str =
     return body + MC_SUFFIX
 
 
-def _mc_item(rng: np.random.Generator, scene: Scene) -> tuple[str, str, list[str]]:
-    """(question, correct option, distractor pool) for one random question type."""
-    kind = int(rng.integers(4))
-    sh = scene[int(rng.integers(len(scene)))]
-    if kind == 0:
-        return f"What colour is the {sh.shape}?", sh.colour, [c for c in COLOURS if c != sh.colour]
-    if kind == 1:
-        return f"What shape is the {sh.colour} object?", sh.shape, [s for s in SHAPES if s != sh.shape]
-    if kind == 2:
-        n = len(scene)
-        return "How many shapes are in the image?", str(n), [str(k) for k in range(1, 5) if k != n]
-    return f"Where is the {sh.colour} {sh.shape}?", sh.position, [p for p in POSITIONS if p != sh.position]
+# The held-out multiple-choice files under DIR/eval, by option order (see `write_eval`).
+EVAL_FILES = {"shuffled": "scienceqa_style.json", "fixed": "scienceqa_style_fixed.json"}
+# The answer set of each multiple-choice question type, in its one canonical order: the options of
+# a "fixed"-order question (see `write_eval`).
+MC_ANSWER_SETS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": ("1", "2", "3", "4"),
+    "position": POSITIONS,
+}
+
+
+def _mc_item(rng: np.random.Generator) -> tuple[Scene, str, str, str]:
+    """(scene, question type, question, correct option) for one random question.
+
+    Colour, shape and position questions are asked about a one-shape scene, count questions about
+    1-3 shapes: the set measures seeing an attribute, not binding attributes across shapes. The
+    questions name no attribute ("What colour is the shape?"), so the image is the only source of
+    the answer; naming the others ("What colour is the square?") slowed learning in our runs.
+    """
+    kind = tuple(MC_ANSWER_SETS)[int(rng.integers(len(MC_ANSWER_SETS)))]
+    scene = random_scene(rng, None if kind == "count" else 1)
+    sh = scene[0]
+    if kind == "colour":
+        return scene, kind, "What colour is the shape?", sh.colour
+    if kind == "shape":
+        return scene, kind, "What shape is it?", sh.shape
+    if kind == "count":
+        return scene, kind, "How many shapes are in the image?", str(len(scene))
+    return scene, kind, "Where is the shape?", sh.position
+
+
+def _mc_record(record_id: str, image: str, question: str, options: list[str], correct: str) -> dict[str, Any]:
+    letter = chr(ord("A") + options.index(correct))
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [_human(multiple_choice_prompt(question, options), 1, True), _gpt(letter)],
+        "answer_letter": letter,
+        "options": options,
+    }
 
 
 def write_eval(
@@ -490,41 +523,53 @@ def write_eval(
     n: int,
     image_size: int,
     stream: int = STREAM_EVAL,
-    json_name: str = "scienceqa_style.json",
+    files: dict[str, str] | None = None,
     prefix: str = "",
-) -> dict[str, int]:
+) -> dict[str, dict[str, int]]:
     """Write a multiple-choice set (the held-out eval, or with another stream a training split in
-    the same format); returns the answer-letter histogram."""
+    the same format): ``files`` maps an option order to its JSON name (default: both orders, over
+    the same images and questions, as ``EVAL_FILES``):
+
+    - ``shuffled``: 3-4 options, the answer and random distractors in random order,
+      as in ScienceQA. Answering needs option matching: finding the seen attribute among the options.
+    - ``fixed``: the question type's whole answer
+      set in its canonical order (`MC_ANSWER_SETS`), so a letter always names the same answer, as in
+      yes/no or ascending-count options of real benchmarks. It measures seeing through the letter
+      interface without option matching, a skill a pretrained LLM brings and a tiny LLM trained
+      from scratch for minutes does not acquire (README, "The demo").
+
+    Returns the answer-letter histogram per order.
+    """
+    files = dict(EVAL_FILES if files is None else files)
+    orders = list(files)
+    if not orders or set(orders) - set(EVAL_FILES):
+        raise ValueError(f"files must map a non-empty subset of {tuple(EVAL_FILES)} to names, got {files!r}")
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = rng_for(seed, stream)
-    records: list[dict[str, Any]] = []
-    letters: dict[str, int] = {}
+    records: dict[str, list[dict[str, Any]]] = {order: [] for order in orders}
+    letters: dict[str, dict[str, int]] = {order: {} for order in orders}
     for i in range(n):
-        scene = random_scene(rng)
-        question, correct, pool = _mc_item(rng, scene)
+        scene, kind, question, correct = _mc_item(rng)
+        # Drawn whatever the orders, so both files of one stream hold the same images and questions.
+        pool = [x for x in MC_ANSWER_SETS[kind] if x != correct]
         n_options = int(rng.integers(3, 5))
         distractors = [pool[int(j)] for j in rng.choice(len(pool), size=n_options - 1, replace=False)]
-        options = [correct, *distractors]
-        options = [options[int(j)] for j in rng.permutation(n_options)]
-        letter = chr(ord("A") + options.index(correct))
-        letters[letter] = letters.get(letter, 0) + 1
+        shuffled = [correct, *distractors]
+        shuffled = [shuffled[int(j)] for j in rng.permutation(n_options)]
         name = f"{prefix}{i:06d}.jpg"
         (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
-        records.append(
-            {
-                "id": f"shapes-{prefix or 'eval-'}{i:06d}",
-                "image": f"images/{name}",
-                "conversations": [
-                    _human(multiple_choice_prompt(question, options), 1, True),
-                    _gpt(letter),
-                ],
-                "answer_letter": letter,
-                "options": options,
-            }
-        )
-    write_json(out / json_name, records)
-    return dict(sorted(letters.items()))
+        for order in orders:
+            options = shuffled if order == "shuffled" else list(MC_ANSWER_SETS[kind])
+            record = _mc_record(
+                f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct
+            )
+            records[order].append(record)
+            letter = record["answer_letter"]
+            letters[order][letter] = letters[order].get(letter, 0) + 1
+    for order, name in files.items():
+        write_json(out / name, records[order])
+    return {order: dict(sorted(hist.items())) for order, hist in letters.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +583,7 @@ def generate(
     n_eval: int = 200,
     image_size: int = 96,
     shard_size: int = 200,
-    n_mc_train: int = 2000,
+    n_mc_train: int = 6000,
     n_val: int = 100,
 ) -> dict[str, Any]:
     """Write the whole dataset under ``out``; returns the manifest."""
@@ -551,9 +596,10 @@ def generate(
     log.info("instruct: %s", instruct)
     val = write_instruct(out / "instruct", seed, n_val, image_size, STREAM_VAL, "val.json", "val-")
     log.info("instruct validation split: %s", val)
+    # Training questions in the fixed order only: see write_eval and README "The demo".
     mc_letters = write_eval(
-        out / "instruct", seed, n_mc_train, image_size, STREAM_MC_TRAIN, "mc_train.json", "mc-"
-    )
+        out / "instruct", seed, n_mc_train, image_size, STREAM_MC_TRAIN, {"fixed": "mc_train.json"}, "mc-"
+    )["fixed"]
     log.info("multiple-choice training split: %d questions, answer letters %s", n_mc_train, mc_letters)
     letters = write_eval(out / "eval", seed, n_eval, image_size)
     log.info("eval: %d questions, answer letters %s", n_eval, letters)
@@ -587,7 +633,7 @@ def generate(
         "eval": {
             "samples": n_eval,
             "answer_letters": letters,
-            "json": "eval/scienceqa_style.json",
+            "json": {order: f"eval/{name}" for order, name in EVAL_FILES.items()},
             "image_root": "eval",
         },
         "colours": list(COLOURS),
@@ -606,7 +652,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-instruct", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument(
-        "--n-mc-train", type=int, default=2000, help="multiple-choice training questions (eval format)"
+        "--n-mc-train", type=int, default=6000, help="multiple-choice training questions (eval format)"
     )
     p.add_argument("--n-val", type=int, default=100, help="instruction validation samples")
     p.add_argument("--image-size", type=int, default=96)

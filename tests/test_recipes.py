@@ -144,6 +144,52 @@ def test_synthetic_eval_set(shapes: Path) -> None:
     assert not train & {p.read_bytes() for p in (root / "images").glob("*.jpg")}
 
 
+def _answer(record: dict) -> str:
+    return record["options"][ord(record["answer_letter"]) - ord("A")]
+
+
+def test_synthetic_eval_fixed_order_pairs_the_shuffled_set(shapes: Path) -> None:
+    root = shapes / "eval"
+    shuffled = json.loads((root / "scienceqa_style.json").read_text())
+    fixed = json.loads((root / "scienceqa_style_fixed.json").read_text())
+    assert [(r["id"], r["image"]) for r in fixed] == [(r["id"], r["image"]) for r in shuffled]
+    answer_sets = set(synthetic_shapes.MC_ANSWER_SETS.values())
+    kinds = Counter()
+    for f, s in zip(fixed, shuffled):
+        question = f["conversations"][0]["value"].split("\n")[1]
+        assert question == s["conversations"][0]["value"].split("\n")[1]
+        # The whole answer set of the question's type, in its canonical order; the same answer.
+        assert tuple(f["options"]) in answer_sets and set(s["options"]) <= set(f["options"])
+        assert _answer(f) == _answer(s)
+        assert f["conversations"][1] == {"from": "gpt", "value": f["answer_letter"]}
+        kinds[tuple(f["options"])] += 1
+    assert len(kinds) == len(answer_sets)  # every question type occurs in 150 questions
+    # Training questions use the fixed order too, from their own images.
+    train = json.loads((shapes / "instruct" / "mc_train.json").read_text())
+    assert train and all(tuple(r["options"]) in answer_sets for r in train)
+    assert not {r["image"] for r in train} & {r["image"] for r in fixed}
+    manifest = json.loads((shapes / "MANIFEST.json").read_text())
+    assert manifest["eval"]["json"] == {
+        "shuffled": "eval/scienceqa_style.json",
+        "fixed": "eval/scienceqa_style_fixed.json",
+    }
+
+
+def test_synthetic_eval_one_shape_scenes_except_counts(tmp_path: Path) -> None:
+    rng = synthetic_shapes.rng_for(0, synthetic_shapes.STREAM_EVAL)
+    seen = Counter()
+    for _ in range(200):
+        scene, kind, question, correct = synthetic_shapes._mc_item(rng)
+        seen[kind] += 1
+        if kind == "count":
+            assert correct == str(len(scene)) and 1 <= len(scene) <= 3
+        else:
+            assert len(scene) == 1 and correct in (scene[0].colour, scene[0].shape, scene[0].position)
+    assert set(seen) == set(synthetic_shapes.MC_ANSWER_SETS)
+    with pytest.raises(ValueError, match="files must map"):
+        synthetic_shapes.write_eval(tmp_path, 0, 1, 48, files={"sorted": "x.json"})
+
+
 # --------------------------------------------------------------------------------------------
 # scienceqa_to_llava
 

@@ -33,8 +33,8 @@ TINY_TIMM = {
 TINY_LLAMA = {
     "model_type": "llama",
     "vocab_size": 1408,  # the tiny tokenizers (1322 / 1375 pieces with <image> and <pad>), rounded up to 64
-    "hidden_size": 256,
-    "intermediate_size": 688,
+    "hidden_size": 128,
+    "intermediate_size": 344,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
