@@ -530,13 +530,13 @@ def write_eval(
     the same format): ``files`` maps an option order to its JSON name (default: both orders, over
     the same images and questions, as ``EVAL_FILES``):
 
-    - ``shuffled``: 3-4 options, the answer and random distractors in random order,
-      as in ScienceQA. Answering needs option matching: finding the seen attribute among the options.
-    - ``fixed``: the question type's whole answer
-      set in its canonical order (`MC_ANSWER_SETS`), so a letter always names the same answer, as in
-      yes/no or ascending-count options of real benchmarks. It measures seeing through the letter
-      interface without option matching, a skill a pretrained LLM brings and a tiny LLM trained
-      from scratch for minutes does not acquire (README, "The demo").
+    - ``shuffled``: 3-4 options, the answer and random distractors in random order, as in
+      ScienceQA. Answering needs option matching: finding the seen attribute among the options.
+    - ``fixed``: the question type's whole answer set in its canonical order (`MC_ANSWER_SETS`),
+      so a letter always names the same answer, as with yes/no or ascending-count options in real
+      benchmarks. It measures seeing through the letter interface without option matching, a
+      skill a pretrained LLM brings and a tiny LLM trained from scratch for minutes does not
+      acquire (README, the `make demo` status).
 
     Returns the answer-letter histogram per order.
     """
