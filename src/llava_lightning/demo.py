@@ -36,15 +36,21 @@ def _fit(args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def _recipe():
+    """The data recipe module (`data_recipes/` sits beside `src/`, outside the package)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from data_recipes import synthetic_shapes
+
+    return synthetic_shapes
+
+
 def _data_is_current(data: Path) -> bool:
     """Data made by this checkout's recipe (same format version) is reused; anything else is remade."""
     manifest = data / "MANIFEST.json"
     if not manifest.exists():
         return False
-    sys.path.insert(0, str(REPO))
-    from data_recipes.synthetic_shapes import FORMAT_VERSION
-
-    return json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    return json.loads(manifest.read_text()).get("format_version") == _recipe().FORMAT_VERSION
 
 
 def _latest(pattern: str, root: Path) -> Path:
@@ -127,9 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .eval.multiple_choice import evaluate_multiple_choice
 
-    sys.path.insert(0, str(REPO))
-    from data_recipes.synthetic_shapes import EVAL_FILES
-
+    eval_files = _recipe().EVAL_FILES
     eval_root = data / "eval"
     _say("evaluating the held-out multiple-choice sets (greedy, answer letter parsed)")
     models = {
@@ -138,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     scores = {
         order: {when: evaluate_multiple_choice(m, eval_root / name, eval_root) for when, m in models.items()}
-        for order, name in EVAL_FILES.items()
+        for order, name in eval_files.items()
     }
-    records = json.loads((eval_root / EVAL_FILES["fixed"]).read_text())[:6]
+    records = json.loads((eval_root / eval_files["fixed"]).read_text())[:6]
     grid = out / "samples.png"
     _grid(models["after"], records, eval_root, grid)
     results = {
