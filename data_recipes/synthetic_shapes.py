@@ -37,6 +37,7 @@ import json
 import logging
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -548,7 +549,6 @@ def write_eval(
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = rng_for(seed, stream)
     records: dict[str, list[dict[str, Any]]] = {order: [] for order in orders}
-    letters: dict[str, dict[str, int]] = {order: {} for order in orders}
     for i in range(n):
         scene, kind, question, correct = _mc_item(rng)
         # Drawn whatever the orders, so both files of one stream hold the same images and questions.
@@ -561,15 +561,15 @@ def write_eval(
         (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
         for order in orders:
             options = shuffled if order == "shuffled" else list(MC_ANSWER_SETS[kind])
-            record = _mc_record(
-                f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct
+            records[order].append(
+                _mc_record(f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct)
             )
-            records[order].append(record)
-            letter = record["answer_letter"]
-            letters[order][letter] = letters[order].get(letter, 0) + 1
     for order, name in files.items():
         write_json(out / name, records[order])
-    return {order: dict(sorted(hist.items())) for order, hist in letters.items()}
+    return {
+        order: dict(sorted(Counter(r["answer_letter"] for r in recs).items()))
+        for order, recs in records.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
