@@ -73,6 +73,22 @@ def test_loss_is_mean_over_supervised_tokens_and_shortcut_agrees(tiny):
     torch.testing.assert_close(fast.loss, out.loss, rtol=1e-5, atol=1e-5)
 
 
+def test_output_tensors_are_visible_to_the_sharding_wrappers_hooks(tiny):
+    """FSDP2 (torch 2.11: pytree) and DeepSpeed ZeRO-3 (dicts) hook a module's output tensors to
+    re-gather parameters for backward; a bare dataclass hid them (the LM head's backward crashed
+    under FSDP2 on an H100)."""
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+    from torch.utils._pytree import tree_flatten
+
+    ids = sample_ids(tiny, 1)[None]
+    out = tiny(ids, pixel_values=image_batch(tiny, 1), labels=ids.clone(), return_logits=False)
+    leaves = [x for x in tree_flatten(out)[0] if torch.is_tensor(x)]
+    assert any(x is out.loss_sum for x in leaves) and any(x is out.loss for x in leaves)
+    seen = []
+    apply_to_tensors_only(lambda t: seen.append(t) or t, out)
+    assert any(x is out.loss_sum for x in seen)
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-timm", "tiny-siglip"])
 def test_other_families_train(preset):
     model = LlavaModel.from_preset(preset)

@@ -383,6 +383,19 @@ class LlavaLitModule(L.LightningModule):
                     "or set trainer.accumulate_grad_batches to 1"
                 )
 
+    def on_fit_start(self) -> None:
+        self._metrics_to_device()
+
+    def on_validation_start(self) -> None:
+        self._metrics_to_device()
+
+    def _metrics_to_device(self) -> None:
+        # DeepSpeed ZeRO-3 never moves the module to the device (its engine places the partitioned
+        # parameters), so the metrics' states would stay on the CPU; the other strategies moved them.
+        device = self.trainer.strategy.root_device
+        for metric in (self.train_loss, self.val_loss_sum, self.val_tokens, self.val_correct):
+            metric.to(device)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # First, on every rank (all are at the same micro-batch): the step's token count over ranks.
         step_tokens = self._step_token_count(batch)

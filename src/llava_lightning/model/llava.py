@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .language_model import build_language_model, decoder_block_class
 from .projector import build_projector
@@ -30,8 +31,15 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class LlavaOutput:
-    """What `LlavaModel.forward` returns."""
+class LlavaOutput(ModelOutput):
+    """What `LlavaModel.forward` returns.
+
+    A transformers `ModelOutput` (a dict and a registered pytree node), not a bare dataclass: the
+    sharding wrappers find the output tensors they hook for backward only in containers they know.
+    torch 2.11's FSDP2 skipped a bare dataclass, so the root unit never re-gathered its parameters
+    for backward (a crash in the LM head's backward on an H100); DeepSpeed ZeRO-3 warns that its
+    hooks "may not get triggered" and reads dicts.
+    """
 
     loss: torch.Tensor | None = None
     """Mean cross-entropy over supervised tokens (labels != -100), or None without labels."""

@@ -51,8 +51,10 @@ def shard_fsdp2(
     # root's forward (no graph, `LlavaLitModule.forward`), so it must gather its own parameters.
     fully_shard(tower, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     units += 1
-    # The root holds what is left: LLM embeddings, final norm, LM head, and the projector.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root holds what is left: LLM embeddings, final norm, LM head, and the projector. It keeps
+    # them gathered from forward to backward (torch's own default for a root): its outputs go straight
+    # into backward, so a reshard would only be undone by an all-gather at once.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     log.info(
         "FSDP2: %d blocks (%s) + root sharded over %d ranks; params %s, reduce %s",
         units,
