@@ -77,8 +77,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
-# 3: captions/sizes.json; 4: one-shape MC scenes, neutral questions, fixed and shuffled option orders.
-FORMAT_VERSION = 4
+# 3: captions/sizes.json; 4: one-shape MC scenes, neutral questions, fixed and shuffled option orders;
+# 5: MC records name their question type (`question_type`).
+FORMAT_VERSION = 5
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
 STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
@@ -507,7 +508,9 @@ def _mc_item(rng: np.random.Generator) -> tuple[Scene, str, str, str]:
     return scene, kind, "Where is the shape?", sh.position
 
 
-def _mc_record(record_id: str, image: str, question: str, options: list[str], correct: str) -> dict[str, Any]:
+def _mc_record(
+    record_id: str, image: str, question: str, options: list[str], correct: str, kind: str
+) -> dict[str, Any]:
     letter = chr(ord("A") + options.index(correct))
     return {
         "id": record_id,
@@ -515,6 +518,7 @@ def _mc_record(record_id: str, image: str, question: str, options: list[str], co
         "conversations": [_human(multiple_choice_prompt(question, options), 1, True), _gpt(letter)],
         "answer_letter": letter,
         "options": options,
+        "question_type": kind,  # colour / shape / count / position: the eval's per-type breakdown
     }
 
 
@@ -562,7 +566,9 @@ def write_eval(
         for order in orders:
             options = shuffled if order == "shuffled" else list(MC_ANSWER_SETS[kind])
             records[order].append(
-                _mc_record(f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct)
+                _mc_record(
+                    f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct, kind
+                )
             )
     for order, name in files.items():
         write_json(out / name, records[order])

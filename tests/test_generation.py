@@ -283,6 +283,36 @@ def test_evaluate_multiple_choice_runs_the_model(tiny, tmp_path):
     assert evaluate_multiple_choice(tiny, path, tmp_path, max_new_tokens=1, limit=2)["n"] == 2
 
 
+def test_evaluate_multiple_choice_breaks_accuracy_down_by_a_record_field(tiny, tmp_path, monkeypatch):
+    path, records = _write_eval_set(tmp_path)
+    for i, r in enumerate(records):
+        r["kind"] = "colour" if i % 2 == 0 else "count"  # 3-option and 4-option questions
+    path.write_text(json.dumps(records))
+    # Right on the colour questions (records 0, 2, 4), one letter off on the count questions.
+    by_question = {r["conversations"][0]["value"].removeprefix("<image>\n"): r for r in records}
+
+    def fake(self, images, prompts, **kwargs):
+        out = []
+        for prompt in prompts:
+            r = by_question[prompt]
+            shift = 0 if r["kind"] == "colour" else 1
+            out.append(chr(65 + (ord(r["answer_letter"]) - 65 + shift) % len(r["options"])))
+        return out
+
+    monkeypatch.setattr(LlavaModel, "generate", fake)
+    result = evaluate_multiple_choice(tiny, path, tmp_path, group_by="kind")
+    assert result["accuracy"] == pytest.approx(0.5)
+    assert result["groups"] == {
+        "colour": {"accuracy": 1.0, "n": 3, "correct": 3, "chance": pytest.approx(1 / 3)},
+        "count": {"accuracy": 0.0, "n": 3, "correct": 0, "chance": pytest.approx(1 / 4)},
+    }
+    assert "groups" not in evaluate_multiple_choice(tiny, path, tmp_path)
+    del records[3]["kind"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"record 'q3' has no 'kind' field"):
+        evaluate_multiple_choice(tiny, path, tmp_path, group_by="kind")
+
+
 def test_evaluate_multiple_choice_counts_correctly(tiny, tmp_path, monkeypatch):
     path, records = _write_eval_set(tmp_path)
     by_question = {r["conversations"][0]["value"].removeprefix("<image>\n"): r for r in records}

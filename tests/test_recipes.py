@@ -125,7 +125,7 @@ def test_synthetic_eval_set(shapes: Path) -> None:
     records = json.loads((root / "scienceqa_style.json").read_text())
     letters = Counter()
     for r in records:
-        assert set(r) == {"id", "image", "conversations", "answer_letter", "options"}
+        assert set(r) == {"id", "image", "conversations", "answer_letter", "options", "question_type"}
         assert (root / r["image"]).is_file()
         options = r["options"]
         assert 3 <= len(options) <= 4 and len(set(options)) == len(options)
@@ -159,7 +159,9 @@ def test_synthetic_eval_fixed_order_pairs_the_shuffled_set(shapes: Path) -> None
         question = f["conversations"][0]["value"].split("\n")[1]
         assert question == s["conversations"][0]["value"].split("\n")[1]
         # The whole answer set of the question's type, in its canonical order; the same answer.
-        assert tuple(f["options"]) in answer_sets and set(s["options"]) <= set(f["options"])
+        assert f["question_type"] == s["question_type"]
+        assert tuple(f["options"]) == tuple(synthetic_shapes.MC_ANSWER_SETS[f["question_type"]])
+        assert set(s["options"]) <= set(f["options"])
         assert _answer(f) == _answer(s)
         assert f["conversations"][1] == {"from": "gpt", "value": f["answer_letter"]}
         kinds[tuple(f["options"])] += 1

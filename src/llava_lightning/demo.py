@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         "after": _load(_latest("checkpoints/last*.ckpt", stage2_dir)),
     }
     scores = {
-        order: {when: evaluate_multiple_choice(m, eval_root / name, eval_root) for when, m in models.items()}
+        order: {
+            when: evaluate_multiple_choice(m, eval_root / name, eval_root, group_by="question_type")
+            for when, m in models.items()
+        }
         for order, name in eval_files.items()
     }
     records = json.loads((eval_root / eval_files["fixed"]).read_text())[:6]
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             "accuracy_before_stage2": s["before"]["accuracy"],
             "accuracy_after_stage2": s["after"]["accuracy"],
             "unparsed_after_stage2": s["after"]["unparsed"],
+            "by_question_type_after_stage2": s["after"]["groups"],
         }
         for order, s in scores.items()
     }
@@ -169,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         _say(
             f"  {label:<34}{r['chance']:>8.1%}{r['accuracy_before_stage2']:>15.1%}{r['accuracy_after_stage2']:>15.1%}"
         )
+    for order in labels:
+        groups = results[order]["by_question_type_after_stage2"]
+        parts = [
+            f"{name} {g['accuracy']:.0%} (chance {g['chance']:.0%}, n {g['n']})" for name, g in groups.items()
+        ]
+        _say(f"  by question type, {order}, after stage 2: " + ", ".join(parts))
     _say(
         f"outputs: results {out / 'results.json'}, sample grid {grid}, checkpoints {stage2_dir / 'checkpoints'},"
     )

@@ -12,7 +12,8 @@ A record::
 The human turn, without its leading `<image>\\n` lines (`generate` puts one back per image), is the
 prompt; decoding is greedy (LLaVA-1.5's ScienceQA protocol, facts §4); the reply is parsed for the
 first standalone option letter. Accuracy is plain correct / total, unparsed replies counted wrong,
-accumulated with a `torchmetrics` `MeanMetric`.
+accumulated with a `torchmetrics` `MeanMetric`; `group_by` names a record field (the synthetic set's
+`question_type`, ScienceQA's `subject`) to break it down by that field's values too.
 """
 
 from __future__ import annotations
@@ -92,18 +93,29 @@ def evaluate_multiple_choice(
     max_new_tokens: int = 8,
     aspect: str = "pad",
     limit: int | None = None,
+    group_by: str | None = None,
 ) -> dict[str, Any]:
     """Greedy multiple-choice accuracy of `model` (anything with `LlavaModel.generate`).
 
     Returns `accuracy` (correct / n; unparsed replies are wrong), `n`, `correct`, `unparsed`,
     `chance` (mean of 1 / number of options: the expected accuracy of a uniform guess) and
-    `predictions` (per record: `id`, `reply`, `letter` (parsed, or None), `answer`, `correct`).
+    `predictions` (per record: `id`, `reply`, `letter` (parsed, or None), `answer`, `correct`,
+    `n_options`, and with `group_by` its `group`).
+    With `group_by` (a record field every record has), also `groups`: per value of that field, in
+    order of first appearance, its own `accuracy`, `n`, `correct` and `chance`.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     records = load_records(json_path, limit)
     if not records:
         raise ValueError(f"{json_path}: no records to evaluate")
+    if group_by is not None:
+        for r in records:
+            if group_by not in r:
+                raise ValueError(
+                    f"{json_path}: record {r.get('id')!r} has no {group_by!r} field to group by; "
+                    "add it to every record or leave group_by unset"
+                )
     root = Path(image_root)
     accuracy = MeanMetric().set_dtype(torch.float64)
     chance = MeanMetric().set_dtype(torch.float64)
@@ -136,6 +148,8 @@ def evaluate_multiple_choice(
                     "letter": letter,
                     "answer": answer,
                     "correct": correct,
+                    "n_options": n_options,
+                    **({"group": str(record[group_by])} if group_by is not None else {}),
                 }
             )
         log.info("multiple choice: %d / %d records", len(predictions), len(records))
@@ -149,6 +163,8 @@ def evaluate_multiple_choice(
         "chance": float(chance.compute()),
         "predictions": predictions,
     }
+    if group_by is not None:
+        result["groups"] = _groups(predictions)
     log.info(
         "multiple choice on %s: accuracy %.4f (%d / %d), %d unparsed, chance %.4f",
         json_path,
@@ -159,3 +175,18 @@ def evaluate_multiple_choice(
         result["chance"],
     )
     return result
+
+
+def _groups(predictions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in predictions:
+        groups.setdefault(p["group"], []).append(p)
+    return {
+        name: {
+            "accuracy": sum(p["correct"] for p in ps) / len(ps),
+            "n": len(ps),
+            "correct": sum(p["correct"] for p in ps),
+            "chance": sum(1 / p["n_options"] for p in ps) / len(ps),
+        }
+        for name, ps in groups.items()
+    }
