@@ -36,9 +36,9 @@ class LlavaOutput(ModelOutput):
 
     A transformers `ModelOutput` (a dict and a registered pytree node), not a bare dataclass: the
     sharding wrappers find the output tensors they hook for backward only in containers they know.
-    torch 2.11's FSDP2 skipped a bare dataclass, so the root unit never re-gathered its parameters
-    for backward (a crash in the LM head's backward on an H100); DeepSpeed ZeRO-3 warns that its
-    hooks "may not get triggered" and reads dicts.
+    With the bare dataclass, torch 2.11's FSDP2 crashed in the LM head's backward on an H100 (most
+    likely it found no output tensor to hook, so the root never re-gathered its parameters), and
+    DeepSpeed ZeRO-3 warned that its hooks "may not get triggered"; it reads dicts.
     """
 
     loss: torch.Tensor | None = None
