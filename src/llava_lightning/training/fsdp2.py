@@ -47,8 +47,9 @@ def shard_fsdp2(
             if isinstance(module, cls):
                 fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
                 units += 1
-    # The tower is a unit of its own (patch embedding, norms): a frozen tower runs outside the
-    # root's forward (no graph, `LlavaLitModule.forward`), so it must gather its own parameters.
+    # The tower is a unit of its own (patch embedding, norms), so it gathers its parameters for its
+    # forward and frees them after: a frozen tower runs without a graph inside the root's forward
+    # (`LlavaModel.get_image_features`) and is not needed again in backward.
     fully_shard(tower, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     units += 1
     # The root holds what is left: LLM embeddings, final norm, LM head, and the projector. It keeps
