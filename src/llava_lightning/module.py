@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
 from .model.llava import IGNORE_INDEX
@@ -393,8 +393,9 @@ class LlavaLitModule(L.LightningModule):
         # DeepSpeed ZeRO-3 never moves the module to the device (its engine places the partitioned
         # parameters), so the metrics' states would stay on the CPU; the other strategies moved them.
         device = self.trainer.strategy.root_device
-        for metric in (self.train_loss, self.val_loss_sum, self.val_tokens, self.val_correct):
-            metric.to(device)
+        for child in self.children():
+            if isinstance(child, Metric):
+                child.to(device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # First, on every rank (all are at the same micro-batch): the step's token count over ranks.
