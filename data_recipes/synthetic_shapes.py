@@ -78,8 +78,8 @@ MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 # Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
 # 3: captions/sizes.json; 4: one-shape MC scenes, neutral questions, fixed and shuffled option orders;
-# 5: MC records name their question type (`question_type`).
-FORMAT_VERSION = 5
+# 5: MC records name their question type (`question_type`); 6: MC training split weighted by type.
+FORMAT_VERSION = 6
 
 # Independent random streams: changing how many captions are drawn never changes the eval set.
 STREAM_CAPTIONS, STREAM_INSTRUCT, STREAM_EVAL, STREAM_MC_TRAIN, STREAM_VAL = 1, 2, 3, 4, 5
@@ -488,15 +488,31 @@ MC_ANSWER_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _mc_item(rng: np.random.Generator) -> tuple[Scene, str, str, str]:
+# The mix of question types in the multiple-choice training split (the held-out set is uniform).
+# Colour and shape get more: with one image token per grid cell (the `tiny` tower), count and position
+# are learned first and from fewer samples, and colour or shape was the type a run had not learned
+# at the end (README, the `make demo` status).
+MC_TRAIN_TYPE_WEIGHTS: dict[str, float] = {"colour": 0.35, "shape": 0.35, "count": 0.15, "position": 0.15}
+
+
+def _mc_item(
+    rng: np.random.Generator, type_weights: dict[str, float] | None = None
+) -> tuple[Scene, str, str, str]:
     """(scene, question type, question, correct option) for one random question.
+
+    The type is uniform over `MC_ANSWER_SETS` unless `type_weights` (type -> weight) says otherwise.
 
     Colour, shape and position questions are asked about a one-shape scene, count questions about
     1-3 shapes: the set measures seeing an attribute, not binding attributes across shapes. The
     questions name no attribute ("What colour is the shape?"), so the image is the only source of
     the answer; naming the others ("What colour is the square?") slowed learning in our runs.
     """
-    kind = tuple(MC_ANSWER_SETS)[int(rng.integers(len(MC_ANSWER_SETS)))]
+    kinds = tuple(MC_ANSWER_SETS)
+    if type_weights is None:
+        kind = kinds[int(rng.integers(len(kinds)))]
+    else:
+        p = np.array([type_weights[k] for k in kinds], dtype=float)
+        kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
     scene = random_scene(rng, None if kind == "count" else 1)
     sh = scene[0]
     if kind == "colour":
@@ -530,6 +546,7 @@ def write_eval(
     stream: int = STREAM_EVAL,
     files: dict[str, str] | None = None,
     prefix: str = "",
+    type_weights: dict[str, float] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write a multiple-choice set (the held-out eval, or with another stream a training split in
     the same format): ``files`` maps an option order to its JSON name (default: both orders, over
@@ -543,6 +560,9 @@ def write_eval(
       skill a pretrained LLM brings and a tiny LLM trained from scratch for minutes does not
       acquire (README, the `make demo` status).
 
+    ``type_weights`` (question type -> weight) skews the mix of question types (see
+    `MC_TRAIN_TYPE_WEIGHTS`); None draws them uniformly, as the held-out set does.
+
     Returns the answer-letter histogram per order.
     """
     files = dict(EVAL_FILES if files is None else files)
@@ -554,7 +574,7 @@ def write_eval(
     rng = rng_for(seed, stream)
     records: dict[str, list[dict[str, Any]]] = {order: [] for order in orders}
     for i in range(n):
-        scene, kind, question, correct = _mc_item(rng)
+        scene, kind, question, correct = _mc_item(rng, type_weights)
         # Drawn whatever the orders, so both files of one stream hold the same images and questions.
         pool = [x for x in MC_ANSWER_SETS[kind] if x != correct]
         n_options = int(rng.integers(3, 5))
@@ -591,10 +611,18 @@ def generate(
     shard_size: int = 200,
     n_mc_train: int = 6000,
     n_val: int = 100,
+    mc_train_type_weights: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write the whole dataset under ``out``; returns the manifest."""
+    """Write the whole dataset under ``out``; returns the manifest.
+
+    ``mc_train_type_weights`` defaults to `MC_TRAIN_TYPE_WEIGHTS`."""
     if image_size < 24:
         raise ValueError("--image-size must be >= 24")
+    weights = dict(MC_TRAIN_TYPE_WEIGHTS if mc_train_type_weights is None else mc_train_type_weights)
+    if set(weights) != set(MC_ANSWER_SETS) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(
+            f"mc_train_type_weights needs a weight >= 0 for each of {tuple(MC_ANSWER_SETS)} (not all 0), got {weights!r}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     n_shards = write_captions(out / "captions", seed, n_captions, image_size, shard_size)
     log.info("captions: %d samples in %d shards", n_captions, n_shards)
@@ -604,7 +632,14 @@ def generate(
     log.info("instruct validation split: %s", val)
     # Training questions in the fixed order only: see write_eval and README "The demo".
     mc_letters = write_eval(
-        out / "instruct", seed, n_mc_train, image_size, STREAM_MC_TRAIN, {"fixed": "mc_train.json"}, "mc-"
+        out / "instruct",
+        seed,
+        n_mc_train,
+        image_size,
+        STREAM_MC_TRAIN,
+        {"fixed": "mc_train.json"},
+        "mc-",
+        weights,
     )["fixed"]
     log.info("multiple-choice training split: %d questions, answer letters %s", n_mc_train, mc_letters)
     letters = write_eval(out / "eval", seed, n_eval, image_size)
@@ -632,6 +667,7 @@ def generate(
         "val": {"samples": n_val, "json": "instruct/val.json", "image_root": "instruct"},
         "mc_train": {
             "samples": n_mc_train,
+            "type_weights": weights,
             "answer_letters": mc_letters,
             "json": "instruct/mc_train.json",
             "image_root": "instruct",
@@ -650,6 +686,14 @@ def generate(
     return manifest
 
 
+def _type_weights(text: str) -> dict[str, float]:
+    """`colour=0.35,shape=0.35,...` -> {"colour": 0.35, ...} (checked against the types in `generate`)."""
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TYPE=WEIGHT,... got {text!r}") from None
+
+
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -661,6 +705,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--n-mc-train", type=int, default=6000, help="multiple-choice training questions (eval format)"
     )
     p.add_argument("--n-val", type=int, default=100, help="instruction validation samples")
+    p.add_argument(
+        "--mc-train-type-weights",
+        type=_type_weights,
+        default=None,
+        help="question-type mix of the multiple-choice training split, e.g. "
+        "colour=1,shape=1,count=1,position=1 (default: MC_TRAIN_TYPE_WEIGHTS)",
+    )
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=200, help="caption samples per tar shard")
     args = p.parse_args(None if argv is None else list(argv))
@@ -684,6 +735,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         args.shard_size,
         args.n_mc_train,
         args.n_val,
+        args.mc_train_type_weights,
     )
     elapsed = time.perf_counter() - start
     print(

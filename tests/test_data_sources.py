@@ -184,7 +184,8 @@ def test_instruction_json_index_is_compact_and_samples_encode(model, instruct):
     assert list(index.num_images) == [1, 2, 0, 1, 1, 0, 1, 0]
     ds = InstructionDataset(index, instruct.parent, _encoder(model, "vicuna_v1"))
     one, two, text = ds[0], ds[1], ds[2]
-    assert one["pixel_values"].shape == (1, 3, 64, 64) and two["pixel_values"].shape[0] == 2
+    size = model.vision_tower.image_size
+    assert one["pixel_values"].shape == (1, 3, size, size) and two["pixel_values"].shape[0] == 2
     assert text["pixel_values"].shape[0] == 0
     image_id = model.image_token_id
     assert int((two["input_ids"] == image_id).sum()) == 2 * model.vision_tower.num_tokens
@@ -270,7 +271,12 @@ def test_uint8_pixels_normalised_by_the_model_equal_the_float_transform(model, i
     enc8.__post_init__()
     ds_uint8 = InstructionDataset(instruct, instruct.parent, enc8)
     raw = ds_uint8[1]["pixel_values"]
-    assert raw.dtype == torch.uint8 and raw.shape == (2, 3, 64, 64)
+    assert raw.dtype == torch.uint8 and raw.shape == (
+        2,
+        3,
+        model.vision_tower.image_size,
+        model.vision_tower.image_size,
+    )
     torch.testing.assert_close(model.normalize_pixels(raw), ds_float[1]["pixel_values"], rtol=1e-5, atol=1e-5)
 
 

@@ -128,7 +128,8 @@ def test_shard_fsdp2_units_dtypes_and_frozen_tower_without_optimizer_state(proce
     # and the sharded model trains: the fp32 projector consumes the bf16 tower's features
     n = model.vision_tower.num_tokens
     ids = torch.tensor([[1, 5] + [model.image_token_id] * n + [7, 8, 9]])
-    pixels = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    size = model.vision_tower.image_size
+    pixels = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
     out = model(ids, torch.ones_like(ids), pixels, labels=ids, return_logits=False)
     out.loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad is not None

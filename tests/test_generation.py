@@ -61,7 +61,7 @@ def _image(seed: int, size=(80, 56)) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def mixed_batch(tiny):
-    """A left-padded batch of an image prompt (3 + 64 + 6 ids) and a shorter text-only prompt (20 ids)."""
+    """A left-padded batch of an image prompt (3 ids, the image span, 6 ids) and a shorter text-only prompt (20 ids)."""
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     image_row = sample_ids(tiny, images=1, text=6)
@@ -187,7 +187,8 @@ def test_generate_builds_template_prompts_left_padded(tiny, monkeypatch):
         length = int(captured["mask"][i].sum())
         assert captured["ids"][i, -length:].tolist() == expected
         assert (captured["ids"][i, :-length] == tok.pad_token_id).all()
-    assert captured["pixels"].shape == (3, 3, 64, 64)
+    size = tiny.vision_tower.image_size
+    assert captured["pixels"].shape == (3, 3, size, size)
     assert captured["max_new_tokens"] == 5 and captured["eos_token_ids"] == [tok.eos_token_id]
 
 

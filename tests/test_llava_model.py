@@ -31,11 +31,12 @@ def test_image_features_land_on_image_token_positions(tiny):
 
 
 def test_count_mismatch_names_both_counts(tiny):
-    ids = sample_ids(tiny, images=1)[None]
-    with pytest.raises(ValueError, match=r"64 image tokens.*128 image feature vectors"):
+    n = tiny.vision_tower.num_tokens
+    ids = sample_ids(tiny, images=1)[None]  # 3 text ids, then the image span
+    with pytest.raises(ValueError, match=rf"{n} image tokens.*{2 * n} image feature vectors"):
         tiny(ids, pixel_values=image_batch(tiny, 2))
-    cut = torch.cat([ids[:, :10], ids[:, 20:]], dim=1)  # an image span cut short
-    with pytest.raises(ValueError, match=r"54 image tokens.*64 image feature vectors"):
+    cut = torch.cat([ids[:, :4], ids[:, 6:]], dim=1)  # an image span cut short by 2
+    with pytest.raises(ValueError, match=rf"{n - 2} image tokens.*{n} image feature vectors"):
         tiny(cut, pixel_values=image_batch(tiny, 1))
     with pytest.raises(ValueError, match="no pixel_values"):
         tiny(ids)
@@ -105,7 +106,9 @@ def test_other_families_train(preset):
 
 
 def test_uint8_pixels_are_normalised_on_the_model_side(tiny):
-    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    raw = torch.randint(
+        0, 256, (2, 3, tiny.vision_tower.image_size, tiny.vision_tower.image_size), dtype=torch.uint8
+    )
     mean = torch.tensor(tiny.vision_tower.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(tiny.vision_tower.image_std).view(1, 3, 1, 1)
     floats = (raw.float() / 255 - mean) / std

@@ -196,6 +196,28 @@ def test_synthetic_eval_one_shape_scenes_except_counts(tmp_path: Path) -> None:
         synthetic_shapes.write_eval(tmp_path, 0, 1, 48, files={"sorted": "x.json"})
 
 
+def test_synthetic_mc_training_mix_follows_the_type_weights(tmp_path: Path) -> None:
+    rng = synthetic_shapes.rng_for(0, synthetic_shapes.STREAM_MC_TRAIN)
+    only_colour = {"colour": 1.0, "shape": 0.0, "count": 0.0, "position": 0.0}
+    assert {synthetic_shapes._mc_item(rng, only_colour)[1] for _ in range(50)} == {"colour"}
+    skewed = {"colour": 3.0, "shape": 1.0, "count": 0.0, "position": 0.0}
+    seen = Counter(synthetic_shapes._mc_item(rng, skewed)[1] for _ in range(2000))
+    assert set(seen) == {"colour", "shape"} and 0.70 < seen["colour"] / 2000 < 0.80  # 0.75 expected
+    # The default mix is the recipe's constant, written to the manifest; the eval set stays uniform.
+    m = synthetic_shapes.generate(
+        tmp_path / "d", 0, n_captions=2, n_instruct=2, n_eval=2, n_mc_train=40, n_val=2
+    )
+    assert m["mc_train"]["type_weights"] == synthetic_shapes.MC_TRAIN_TYPE_WEIGHTS
+    with pytest.raises(ValueError, match="needs a weight >= 0 for each of"):
+        synthetic_shapes.generate(tmp_path / "e", 0, mc_train_type_weights={"colour": 1.0})
+    args = synthetic_shapes.parse_args(
+        ["--out", "x", "--seed", "0", "--mc-train-type-weights", "colour=2,shape=1,count=0,position=1"]
+    )
+    assert args.mc_train_type_weights == {"colour": 2.0, "shape": 1.0, "count": 0.0, "position": 1.0}
+    with pytest.raises(SystemExit):
+        synthetic_shapes.parse_args(["--out", "x", "--seed", "0", "--mc-train-type-weights", "colour:2"])
+
+
 # --------------------------------------------------------------------------------------------
 # scienceqa_to_llava
 

@@ -27,7 +27,8 @@ def test_hf_clip_selection_matches_hidden_states(layer, strategy):
         VisionSpec(name="tiny", config=TINY_CLIP, feature_layer=layer, select_strategy=strategy)
     )
     ref = _reference_hidden_states(tower)
-    x = torch.randn(2, 3, 64, 64)
+    size = TINY_CLIP["image_size"]
+    x = torch.randn(2, 3, size, size)
     hs = ref(x, output_hidden_states=True).hidden_states
     assert len(hs) == TINY_CLIP["num_hidden_layers"] + 1
     layers = [layer] if isinstance(layer, int) else layer
@@ -35,7 +36,7 @@ def test_hf_clip_selection_matches_hidden_states(layer, strategy):
     expected = torch.cat(parts, dim=-1)
     out = tower(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    grid = (64 // 8) ** 2
+    grid = (size // TINY_CLIP["patch_size"]) ** 2
     assert tower.num_tokens == out.shape[1] == grid + (strategy == "full")
     assert tower.hidden_size == out.shape[2] == 128 * len(layers)
 
@@ -47,7 +48,7 @@ def test_hf_tower_skips_blocks_after_the_deepest_feature_layer_but_keeps_their_w
     calls = []
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda *_, i=i: calls.append(i))
-    tower(torch.randn(1, 3, 64, 64))
+    tower(torch.randn(1, 3, tower.image_size, tower.image_size))
     assert calls == [0, 1, 2]
     assert set(tower.state_dict()) == set(tower.hf_model.state_dict())
     assert any("layers.3." in k for k in tower.state_dict())
@@ -56,13 +57,16 @@ def test_hf_tower_skips_blocks_after_the_deepest_feature_layer_but_keeps_their_w
 
 def test_hf_tower_reports_image_settings():
     clip = build_vision_tower(VisionSpec(name="tiny", config=TINY_CLIP))
-    assert clip.image_size == 64
+    assert clip.image_size == TINY_CLIP["image_size"]
     assert clip.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert clip.image_std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
     siglip = build_vision_tower(
         VisionSpec(name="tiny", config=TINY_SIGLIP, feature_layer=-1, select_strategy="full")
     )
-    assert siglip.image_mean == (0.5, 0.5, 0.5) and siglip.num_tokens == 64  # no CLS token
+    assert (
+        siglip.image_mean == (0.5, 0.5, 0.5)
+        and siglip.num_tokens == (TINY_SIGLIP["image_size"] // TINY_SIGLIP["patch_size"]) ** 2
+    )  # no CLS
     custom = build_vision_tower(VisionSpec(name="tiny", config=TINY_CLIP, image_mean=(0.1, 0.2, 0.3)))
     assert custom.image_mean == (0.1, 0.2, 0.3)
 
@@ -71,7 +75,7 @@ def test_siglip_full_matches_hidden_states():
     tower = build_vision_tower(
         VisionSpec(name="tiny", config=TINY_SIGLIP, feature_layer=-1, select_strategy="full")
     )
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, tower.image_size, tower.image_size)
     ref = tower.hf_model(x, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(tower(x), ref)
 
