@@ -61,11 +61,11 @@ def _image(seed: int, size=(80, 56)) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def mixed_batch(tiny):
-    """A left-padded batch of an image prompt (3 ids, the image span, 6 ids) and a shorter text-only prompt (20 ids)."""
+    """A left-padded batch of an image prompt (3 ids, the image span, 6 ids) and a text-only prompt 6 ids shorter."""
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     image_row = sample_ids(tiny, images=1, text=6)
-    text_row = torch.randint(3, 900, (20,), generator=g)
+    text_row = torch.randint(3, 900, (len(image_row) - 6,), generator=g)  # 6 ids shorter: left-padded
     ids, mask = _left_pad([image_row, text_row], tiny.tokenizer.pad_token_id)
     return [image_row, text_row], ids, mask, _pixels(tiny, 1)
 
@@ -106,7 +106,9 @@ def test_max_new_tokens_and_mode_restored(tiny, mixed_batch):
         hook.remove()
         tiny.eval()
     with pytest.raises(ValueError, match="LEFT-padded"):
-        generate_ids(tiny, ids, torch.cat([torch.ones(1, 19), torch.zeros(1, 1)], dim=1).long())
+        right_padded = torch.ones_like(ids)
+        right_padded[0, -1] = 0
+        generate_ids(tiny, ids, right_padded)
 
 
 def test_sampling_is_reproducible_and_not_greedy(tiny):
