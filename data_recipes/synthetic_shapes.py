@@ -495,6 +495,15 @@ MC_ANSWER_SETS: dict[str, tuple[str, ...]] = {
 MC_TRAIN_TYPE_WEIGHTS: dict[str, float] = {"colour": 0.35, "shape": 0.35, "count": 0.15, "position": 0.15}
 
 
+def checked_type_weights(weights: dict[str, float]) -> dict[str, float]:
+    """A copy of question-type weights, or a ValueError unless every type has one >= 0 (not all 0)."""
+    if set(weights) != set(MC_ANSWER_SETS) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(
+            f"type_weights needs a weight >= 0 for each of {tuple(MC_ANSWER_SETS)} (not all 0), got {weights!r}"
+        )
+    return dict(weights)
+
+
 def _mc_item(
     rng: np.random.Generator, type_weights: dict[str, float] | None = None
 ) -> tuple[Scene, str, str, str]:
@@ -508,7 +517,7 @@ def _mc_item(
     the answer; naming the others ("What colour is the square?") slowed learning in our runs.
     """
     kinds = tuple(MC_ANSWER_SETS)
-    if type_weights is None:
+    if type_weights is None:  # one `integers` draw, as before weights existed: the eval set's bytes stay
         kind = kinds[int(rng.integers(len(kinds)))]
     else:
         p = np.array([type_weights[k] for k in kinds], dtype=float)
@@ -566,6 +575,8 @@ def write_eval(
     Returns the answer-letter histogram per order.
     """
     files = dict(EVAL_FILES if files is None else files)
+    if type_weights is not None:
+        type_weights = checked_type_weights(type_weights)
     orders = list(files)
     if not orders or set(orders) - set(EVAL_FILES):
         raise ValueError(f"files must map a non-empty subset of {tuple(EVAL_FILES)} to names, got {files!r}")
@@ -618,11 +629,10 @@ def generate(
     ``mc_train_type_weights`` defaults to `MC_TRAIN_TYPE_WEIGHTS`."""
     if image_size < 24:
         raise ValueError("--image-size must be >= 24")
-    weights = dict(MC_TRAIN_TYPE_WEIGHTS if mc_train_type_weights is None else mc_train_type_weights)
-    if set(weights) != set(MC_ANSWER_SETS) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-        raise ValueError(
-            f"mc_train_type_weights needs a weight >= 0 for each of {tuple(MC_ANSWER_SETS)} (not all 0), got {weights!r}"
-        )
+    # Checked before anything is written (write_eval checks again, for its direct callers).
+    weights = checked_type_weights(
+        MC_TRAIN_TYPE_WEIGHTS if mc_train_type_weights is None else mc_train_type_weights
+    )
     out.mkdir(parents=True, exist_ok=True)
     n_shards = write_captions(out / "captions", seed, n_captions, image_size, shard_size)
     log.info("captions: %d samples in %d shards", n_captions, n_shards)
