@@ -56,7 +56,7 @@ def shapes_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("shapes")
     synthetic_shapes.generate(
-        out, seed=0, n_captions=48, n_instruct=48, n_eval=12, shard_size=16, n_mc_train=24, n_val=12
+        out, seed=0, n_captions=80, n_instruct=48, n_eval=12, shard_size=8, n_mc_train=24, n_val=12
     )
     return out
 

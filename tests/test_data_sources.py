@@ -1,4 +1,5 @@
-"""Data sources: caption shards, instruction JSON, mixture, collator and the data module, with skips counted."""
+"""Data sources: caption shards (cut tars, failing `pipe:` commands, strict mode), instruction JSON,
+mixture, collator and the data module, with skips counted."""
 
 import io
 import json
@@ -385,3 +386,163 @@ def test_mixture_loader_resumes_after_the_consumed_batches(workers):
     resumed.load_state_dict(state)
     assert [b.tolist() for b in resumed] == full[3:]
     assert [b.tolist() for b in resumed] == full  # the offset applied to one pass only
+
+
+# -- bad input at the edges: elongated images, broken and cut shards, failing pipe: commands -------
+
+
+def test_an_extremely_elongated_image_is_a_counted_bad_image_skip(model, tmp_path):
+    tall = io.BytesIO()
+    Image.new("L", (1, 100_000)).save(tall, "PNG")  # under 300 bytes; its padded square: 10^10 pixels
+    samples = [("0", {"png": tall.getvalue(), "txt": b"tall"}), ("1", {"jpg": _image_bytes(1), "txt": b"ok"})]
+    _write_shard(tmp_path / "s.tar", samples)
+    for aspect in ("pad", "square"):
+        encoder = _encoder(model)
+        encoder.transform = ImageTransform.from_tower(model.vision_tower, aspect=aspect)
+        captions, skipped = _drain(
+            CaptionShards(str(tmp_path / "s.tar"), encoder, shuffle_buffer=0), model=model
+        )
+        assert captions == ["ok"] and skipped == {"bad_image": 1}, aspect
+
+
+def _member_offsets(path):
+    """Byte offsets of the tar headers of `path`'s members, in order."""
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def _items(url, **kwargs):
+    from llava_lightning.data.captions import iter_tar_samples
+
+    return list(iter_tar_samples(url, **kwargs))
+
+
+def test_a_tar_cut_at_a_member_boundary_is_a_counted_bad_shard(model, shards, tmp_path):
+    from llava_lightning.data.captions import count_samples
+
+    whole = shards / "shard-00000.tar"  # 5 samples of 3 members (jpg, txt, json)
+    data, offsets = whole.read_bytes(), _member_offsets(whole)
+    cuts = {
+        "after sample 2": offsets[9],  # no end-of-archive blocks: samples 3 and 4 are lost
+        "inside sample 2": offsets[7],  # between its jpg and its txt
+        "inside a header": offsets[9] + 100,
+    }
+    for name, cut in cuts.items():
+        path = tmp_path / f"cut-{cut}.tar"
+        path.write_bytes(data[:cut])
+        for url in (str(path), f"pipe:cat {path}"):
+            items = _items(url)
+            assert [i.get("__key__") for i in items[:2]] == ["000000000", "000000001"], (name, url)
+            assert len(items) == 3 and items[2][SKIP] == "bad_shard", (name, url)
+            assert "end-of-archive" in items[2]["detail"] and f"cut-{cut}.tar" in items[2]["where"]
+        assert count_samples(str(path)) == 3, name  # the same items, without a sizes.json
+        captions, skipped = _drain(CaptionShards(str(path), _encoder(model), shuffle_buffer=0), model=model)
+        assert sorted(captions) == ["caption 0", "caption 1"] and skipped == {"bad_shard": 1}, name
+
+
+def test_well_formed_shards_are_unaffected_by_the_end_of_archive_check(tmp_path):
+    from webdataset import TarWriter
+
+    from llava_lightning.data.captions import count_samples
+
+    with TarWriter(str(tmp_path / "wds.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:04d}", "jpg": b"jpeg", "txt": f"caption {i}".encode()})
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    with tarfile.open(tmp_path / "gz.tar.gz", "w:gz") as tar:
+        for i in range(2):
+            info = tarfile.TarInfo(f"{i:04d}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    for name, n in [("wds.tar", 3), ("empty.tar", 0), ("gz.tar.gz", 2)]:
+        url = str(tmp_path / name)
+        for source in (url, f"pipe:cat {url}"):
+            items = _items(source)
+            assert len(items) == n and not any(SKIP in i for i in items), source
+        assert count_samples(url) == n, name
+    assert (tmp_path / "empty.tar").stat().st_size > 0  # well-formed: its end-of-archive blocks
+
+
+def test_strict_mode_raises_on_a_broken_shard_naming_it_but_not_on_padding(
+    model, shards, tmp_path, monkeypatch
+):
+    from llava_lightning.data import captions as captions_module
+
+    good = (shards / "shard-00000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2 + 100])
+    strict = _encoder(model, strict=True)
+    with pytest.raises(StrictModeError, match=r"cut\.tar:.*ReadError"):
+        list(CaptionShards(str(tmp_path / "cut.tar"), strict, shuffle_buffer=0))
+    # a stale sizes.json: the shard lacks the samples it promises
+    (tmp_path / "short.tar").write_bytes(good)
+    with pytest.raises(StrictModeError, match=r"short\.tar:#5: the shard ends before its recorded 7"):
+        list(CaptionShards(str(tmp_path / "short.tar"), strict, shuffle_buffer=0, sizes={"short.tar": 7}))
+    # padding slots (5 samples over 2 ranks: rank 1 gets 2 samples and 1 padding slot) stay padding
+    monkeypatch.setattr(captions_module, "rank_and_world", lambda: (1, 2))
+    out = list(CaptionShards(str(tmp_path / "short.tar"), strict, shuffle_buffer=0))
+    assert [s.get(SKIP) for s in out] == [None, None, "padding"]
+
+
+def _children() -> set[int]:
+    """Process ids whose parent is this process, zombies included (read from /proc)."""
+    import os
+
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # exited meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.add(int(entry))
+    return pids
+
+
+def _ended(pid: int, within: float = 5.0) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie), waiting up to `within` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in "ZX":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_pipe_commands_are_reaped_and_a_failing_one_is_a_bad_shard(model, shards, tmp_path):
+    shard = shards / "shard-00002.tar"  # captions 10..14
+    before = _children()
+    ok = _items(f"pipe:cat {shard}")
+    assert [i["txt"] for i in ok] == [f"caption {i}".encode() for i in range(10, 15)]
+    # stopping early terminates the command and what it started (not a failure), even a slow one;
+    # a long shard, so that the reader stops well before the end it would wait for
+    _write_shard(tmp_path / "long.tar", [(f"{i:03d}", {"txt": b"%03d" % i * 500}) for i in range(12)])
+    pid_file = tmp_path / "sleeper.pid"  # a process the command's shell starts before writing
+    slow = f"pipe:sh -c 'sleep 60 & echo $! > {pid_file}; cat {tmp_path / 'long.tar'}; wait'"
+    early = _items(slow, stop=2)
+    assert [i["__key__"] for i in early] == ["000", "001"]
+    assert _ended(int(pid_file.read_text()))
+    assert _items(f"pipe:cat {shard}", start=1, stop=3)[0]["txt"] == b"caption 11"
+    # a command that fails after writing a complete tar: its last sample becomes the bad_shard marker
+    failing = f"pipe:sh -c 'cat {shard}; exit 3'"
+    items = _items(failing)
+    assert [i.get("txt") for i in items[:4]] == [f"caption {i}".encode() for i in range(10, 14)]
+    assert items[4][SKIP] == "bad_shard" and "exit 3" in items[4]["detail"]
+    assert "exited with status 3" in items[4]["detail"]
+    captions, skipped = _drain(
+        CaptionShards(failing, _encoder(model), shuffle_buffer=0, sizes={failing: 5}), model=model
+    )
+    assert len(captions) == 4 and skipped == {"bad_shard": 1}
+    with pytest.raises(StrictModeError, match="exited with status 3"):
+        list(CaptionShards(failing, _encoder(model, strict=True), shuffle_buffer=0, sizes={failing: 5}))
+    assert _children() <= before  # every command was reaped: no zombies, nothing left running

@@ -1,5 +1,6 @@
-"""Image decoding (formats, modes, EXIF, bombs, truncation, draft mode) and the CLIP transform, checked
-against transformers' CLIPImageProcessor and LLaVA's expand2square."""
+"""Image decoding (formats, modes, EXIF, bombs, extreme aspect ratios, truncation, draft mode) and the
+CLIP transform (with its pixel budget), checked against transformers' CLIPImageProcessor and LLaVA's
+expand2square."""
 
 import io
 import pickle
@@ -281,3 +282,101 @@ def test_from_tower_feeds_the_tower():
     with torch.no_grad():
         features = tower(pixels[None])
     assert features.shape == (1, tower.num_tokens, tower.hidden_size)
+
+
+# -- bounded memory whatever the header says ------------------------------------------------------
+
+
+def _grey_png(width: int, height: int) -> bytes:
+    """A real (decodable) grey PNG: a few hundred bytes even for 1 x 100000."""
+    return encode(Image.new("L", (width, height), 90), "PNG")
+
+
+def _peak_traced_bytes(fn) -> tuple[int, str]:
+    """(peak bytes numpy and Python allocated while `fn` ran, its ImageDecodeError message)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+ELONGATED = {
+    "png-1x100000": (_grey_png(1, 100_000), "1x100000", "100000:1"),
+    "png-100000x1": (_grey_png(100_000, 1), "100000x1", "100000:1"),
+    # header only, under the pixel limits but 5 million pixels long: refused before any decoding
+    "header-10x5000000": (_png_header_only(10, 5_000_000), "10x5000000", "500000:1"),
+    "header-5000000x10": (_png_header_only(5_000_000, 10), "5000000x10", "500000:1"),
+}
+
+
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+@pytest.mark.parametrize("name", sorted(ELONGATED))
+def test_extreme_aspect_ratios_are_refused_from_the_header(aspect, name):
+    data, dims, ratio = ELONGATED[name]
+    transform = ImageTransform(336, CLIP_MEAN, CLIP_STD, aspect=aspect)
+    peak, message = _peak_traced_bytes(lambda: transform.decode_and_transform(data))
+    assert f"is {dims}, an aspect ratio of {ratio}, over the limit of 100:1" in message
+    assert peak < 2**20  # refused before any pixel buffer was made
+    with pytest.raises(ImageDecodeError, match="aspect ratio"):
+        decode_image(data)
+
+
+def test_the_aspect_ratio_limit_is_a_parameter():
+    data = _grey_png(200, 10)  # 20:1
+    assert decode_image(data).size == (200, 10)
+    with pytest.raises(ImageDecodeError, match=r"20:1, over the limit of 10:1"):
+        decode_image(data, max_aspect_ratio=10)
+    assert decode_image(_grey_png(1, 1000), max_aspect_ratio=1000).size == (1, 1000)
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        decode_image(data, max_aspect_ratio=0.5)
+
+
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+@pytest.mark.parametrize(("width", "height"), [(1000, 50), (40, 800)])
+def test_a_20_to_1_image_still_transforms_exactly(aspect, width, height):
+    img = make_image(width, height, seed=7)
+    data = encode(img, "PNG")
+    ours = ImageTransform(64, CLIP_MEAN, CLIP_STD, aspect=aspect).decode_and_transform(data)
+    reference_input = img if aspect == "square" else llava_expand2square(img, MEAN_FILL)
+    reference = clip_processor(64)(reference_input, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(denormalize(ours), denormalize(reference), atol=2 / 255, rtol=0)
+
+
+def test_pad_canvas_over_the_pixel_budget_is_refused_before_it_is_allocated():
+    # 150 x 15000 passes decode_image (100:1, 2.25 million pixels), but its padded square would be
+    # 15000 x 15000 = 225 million pixels (675 MB), over the default budget.
+    data = _grey_png(150, 15_000)
+    img = decode_image(data)
+    pad = ImageTransform(64, CLIP_MEAN, CLIP_STD, aspect="pad")
+    peak, message = _peak_traced_bytes(lambda: pad(img))
+    assert "15000x15000 = 225000000 pixels" in message and "limit of 178956970" in message
+    assert peak < 2**20
+    with pytest.raises(ImageDecodeError, match="15000x15000"):
+        pad.decode_and_transform(data)
+    square = ImageTransform(64, CLIP_MEAN, CLIP_STD, aspect="square")
+    assert square(img).shape == (3, 64, 64)  # its largest array is 64 x 6400
+
+    # the budget is a parameter of the transform, and covers square mode's resize before the crop
+    small = make_image(400, 100)
+    with pytest.raises(ImageDecodeError, match=r"400x400 = 160000 pixels, over the limit of 100000"):
+        ImageTransform(64, CLIP_MEAN, CLIP_STD, aspect="pad", max_pixels=100_000)(small)
+    assert ImageTransform(64, CLIP_MEAN, CLIP_STD, max_pixels=100_000)(small).shape == (3, 64, 64)
+    with pytest.raises(ImageDecodeError, match=r"64x6400000 = 409600000 pixels"):
+        square(Image.new("L", (1, 100_000)))  # a PIL image that never went through decode_image
+    with pytest.raises(ValueError, match="max_pixels"):
+        ImageTransform(64, CLIP_MEAN, CLIP_STD, max_pixels=0)
+
+
+def test_zero_sized_images_are_refused(monkeypatch):
+    for aspect in ("square", "pad"):
+        with pytest.raises(ImageDecodeError, match="0x5 has no pixels"):
+            ImageTransform(64, CLIP_MEAN, CLIP_STD, aspect=aspect)(Image.new("RGB", (0, 5)))
+    # Pillow refuses such files itself; a header that got through would be refused as well
+    monkeypatch.setattr(Image, "open", lambda stream: Image.new("RGB", (7, 0)))
+    with pytest.raises(ImageDecodeError, match="7x0 has no pixels"):
+        decode_image(b"any")

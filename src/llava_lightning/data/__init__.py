@@ -2,7 +2,7 @@
 
 from .captions import CaptionShards
 from .collate import LlavaCollator
-from .datamodule import LlavaDataModule, SourceConfig
+from .datamodule import DataSkipError, LlavaDataModule, SourceConfig
 from .image import ImageDecodeError, ImageTransform, decode_image
 from .instruct import InstructionDataset, InstructionIndex
 from .mixture import WeightedMixture
@@ -11,6 +11,7 @@ from .templates import SampleError, get_template
 
 __all__ = [
     "CaptionShards",
+    "DataSkipError",
     "ImageDecodeError",
     "ImageTransform",
     "InstructionDataset",

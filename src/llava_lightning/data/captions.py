@@ -15,16 +15,21 @@ every rank the same number of samples and batches per epoch, so no rank waits fo
 - **Resampled**: every worker draws shards at random (with replacement) forever, and an epoch is
   `epoch_length` samples per rank (`epoch_length * world` in all).
 
-A corrupt image, a sample without caption or a truncated tar becomes a counted skip in its slot;
-the stream goes on.
+A corrupt image, a sample without caption, a tar that breaks off (truncated anywhere, even exactly
+at a member boundary: a tar must end with its end-of-archive blocks) or a `pipe:` command that exits
+with a non-zero status becomes a counted skip in its slot (`bad_shard` for the shard's faults), and the
+stream goes on; in strict mode (`SampleEncoder.strict`) each raises `StrictModeError` instead. Padding
+slots are never errors.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -33,7 +38,7 @@ from typing import Any
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
 
-from .sample import SKIP, SampleEncoder, padding, skip
+from .sample import PADDING, SKIP, SampleEncoder, padding
 from .splitting import rank_and_world, worker_and_count, worker_range
 
 log = logging.getLogger(__name__)
@@ -48,16 +53,106 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return [u for item in items for u in braceexpand(item)]
 
 
+class ShardCommandError(OSError):
+    """A `pipe:` shard command exited with a non-zero status after its output was read to the end."""
+
+
+class PipeStream(io.RawIOBase):
+    """The output of a `pipe:` shard command, as a readable binary stream that owns the process.
+
+    `finish()` reads what is left, waits for the command and raises `ShardCommandError` if it exited
+    with a non-zero status. `close()` (also run by `with` and on garbage collection) never raises: it
+    reaps the command, first terminating it (and what it started) if it still runs, since stopping
+    early on purpose is no failure. The command runs in its own session so that terminating reaches
+    the processes its shell started; it does not see the terminal's Ctrl-C, but its reader's
+    unwinding terminates it.
+    """
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+        self._proc = subprocess.Popen(  # noqa: S602 (the user's command)
+            command, shell=True, stdout=subprocess.PIPE, start_new_session=True
+        )
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._proc.stdout.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self._proc.stdout.readinto(buffer)
+
+    def finish(self) -> None:
+        """Read the command's output to its end, wait for it, raise `ShardCommandError` on failure."""
+        while self._proc.stdout.read(1 << 16):
+            pass
+        status = self._proc.wait()
+        if status != 0:
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            raise ShardCommandError(f"shard command {self.command!r} {how}")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._proc.stdout.close()  # a writer still running gets SIGPIPE
+            if self._proc.returncode is None:  # not reaped yet (finish() reaps)
+                self._signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._signal(signal.SIGKILL)
+                    self._proc.wait()
+        finally:
+            super().close()
+
+    def _signal(self, sig: int) -> None:
+        # The command's process group (its shell and what the shell started), while the shell is
+        # unreaped its id cannot be reused; a group already gone is fine.
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def open_url(url: str):
-    """A binary stream for a local path, `pipe:command`, or any fsspec URL."""
+    """A binary stream for a local path, `pipe:command` (a `PipeStream`), or any fsspec URL."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (the user's command)
-        return proc.stdout
+        return PipeStream(url[5:])
     if "://" in url and not url.startswith("file://"):
         import fsspec
 
         return fsspec.open(url, "rb").open()
     return open(url.removeprefix("file://"), "rb")
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A `TarInfo` whose reader tells a tar that breaks off from one that ends.
+
+    CPython's `TarFile.next` (3.10 to 3.13) takes an empty read (`EmptyHeaderError`), a partial block
+    (`TruncatedHeaderError`) or a bad checksum (`InvalidHeaderError`) at any header position but the
+    first as the end of the archive, so a tar cut at or inside a member header would silently lose
+    the samples after the cut. Only an all-zero block (`EOFHeaderError`) ends a tar here; the others
+    raise `ReadError` (at position 0 `TarFile` raised `ReadError` already, so opening is unchanged).
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as err:
+            raise tarfile.ReadError(
+                f"the tar breaks off at byte {tarfile_.offset} without its end-of-archive blocks ({err}): "
+                "the file was cut short"
+            ) from None
+
+
+def _bad_shard(where: str, detail: str) -> dict[str, str]:
+    """A `bad_shard` marker, not yet logged: `CaptionShards` passes it through its encoder's `fail`,
+    which logs and counts it (or, in strict mode, raises `StrictModeError` with `detail`)."""
+    return {SKIP: "bad_shard", "where": where, "detail": detail}
 
 
 def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -76,13 +171,19 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
     """Samples `start` .. `stop - 1` of one shard, grouped by key (consecutive members of one key).
 
     Samples before `start` are passed over without reading their data, and reading ends at `stop`.
-    A shard that breaks off (truncated tar, I/O error) gives a `bad_shard` marker in place of the
-    sample it was reading (in place of sample 0 if it cannot be opened), so it yields exactly
-    `count_samples(url)` items, and the stream goes on with the next shard.
+    A shard that breaks off (truncated tar, one without its end-of-archive blocks, I/O error) gives a
+    `bad_shard` marker in place of the sample it was reading (in place of sample 0 if it cannot be
+    opened), so it yields exactly `count_samples(url)` items, and the stream goes on with the next
+    shard. So does a `pipe:` command read to its end that exits with a non-zero status: the marker
+    takes the last sample's place (the output may be incomplete). Stopping at `stop` terminates the
+    command instead; that is no failure.
     """
     index, key, current = -1, None, {}
     try:
-        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with (
+            open_url(url) as stream,
+            tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo) as tar,
+        ):
             for member in tar:
                 named = _member_key(member)
                 if named is None:
@@ -99,16 +200,18 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
                 if not current:
                     current = {"__key__": key, "__url__": url}
                 current[field] = tar.extractfile(member).read()
+            if isinstance(stream, PipeStream):
+                stream.finish()  # raises here, so that its marker replaces the last sample
     except (tarfile.TarError, OSError, EOFError) as err:
         index = max(index, 0)
         if start <= index and (stop is None or index < stop):
-            yield skip("bad_shard", f"{url}:{key}", f"{type(err).__name__}: {err}")
+            yield _bad_shard(f"{url}:{key if key is not None else '#0'}", f"{type(err).__name__}: {err}")
         return
     if current:
         yield current
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The file path of a local shard (plain path or `file://`); None for `pipe:` and remote URLs."""
     if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
         return None
@@ -118,15 +221,15 @@ def _local_path(url: str) -> str | None:
 def count_samples(url: str) -> int:
     """The number of items `iter_tar_samples(url)` yields (samples, or a broken shard's samples up
     to and including its `bad_shard` marker). A local shard is scanned header by header, seeking
-    over the data (cheap); any other URL is read in full."""
-    path = _local_path(url)
+    over the data (cheap), with the same end-of-archive check; any other URL is read in full."""
+    path = local_path(url)
     if path is None:
         return sum(1 for _ in iter_tar_samples(url))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption shard {url} does not exist")
     index, key = -1, None
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:*", tarinfo=_CheckedTarInfo) as tar:
             for member in tar:
                 named = _member_key(member)
                 if named is not None and named[0] != key:
@@ -190,7 +293,7 @@ def shard_sizes(urls: list[str], sizes: str | Mapping[str, int] | None = None) -
                 tables[location] = _read_sizes(location)
             n = _lookup(tables[location], url)
         if n is None:
-            if _local_path(url) is None:
+            if local_path(url) is None:
                 raise ValueError(
                     f"caption shard {url} has no known sample count, which the non-resampled mode needs "
                     "to give every rank the same number of samples, each read once. Write a "
@@ -219,7 +322,7 @@ def write_sizes(urls: str | list[str], out: str | None = None) -> dict[str, int]
     table = dict(_read_sizes(out) or {})
     table.update({url.rsplit("/", 1)[-1]: count_samples(url) for url in urls})
     text = json.dumps(dict(sorted(table.items())), indent=1) + "\n"
-    path = _local_path(out)
+    path = local_path(out)
     if path is None:
         import fsspec
 
@@ -354,7 +457,10 @@ class CaptionShards(IterableDataset):
 
     def _encode(self, raw: dict) -> dict:
         if SKIP in raw:
-            return raw
+            # Padding evens out ranks and is never an error; a shard's fault is one (strict mode raises).
+            if raw[SKIP] == PADDING:
+                return raw
+            return self.encoder.fail(raw[SKIP], raw["where"], raw.get("detail", ""))
         where = f"{raw.get('__url__')}:{raw.get('__key__')}"
         image_field = next((f for f in IMAGE_EXTS if f in raw), None)
         if image_field is None or "txt" not in raw:
@@ -385,4 +491,4 @@ def _shard_slots(url: str, size: int, start: int, stop: int) -> Iterator[dict]:
         yield raw
         n += 1
     for index in range(n, stop):
-        yield skip("bad_shard", f"{url}:#{index}", f"the shard ends before its recorded {size} samples")
+        yield _bad_shard(f"{url}:#{index}", f"the shard ends before its recorded {size} samples")

@@ -3,12 +3,16 @@
 Sources are caption shards (stage 1) and instruction JSON files (stage 2), mixed by weight when
 there are several. Tokenizer, image size / mean / std and the number of image tokens come from the
 model (`connect(model)`, done automatically in `setup` under a Trainer), never repeated in YAML.
-Samples seen and skipped per reason are counted from the batches and reported per epoch.
+Samples seen and skipped per reason are counted from the batches and reported per epoch; a run
+whose skips exceed `max_skip_ratio` of a window of samples stops, naming the reasons. A source
+whose local files do not exist fails at `setup`, before any step.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .captions import CaptionShards
+from .captions import CaptionShards, expand_urls, local_path
 from .collate import LlavaCollator
 from .image import ImageTransform
 from .instruct import InstructionDataset
@@ -69,6 +73,25 @@ class SourceConfig:
     sizes: str | None = None
     """Captions: JSON file of samples per shard (`{"shard-00000.tar": 10000, ...}`); default: the
     sizes.json beside the shards, else local shards are counted."""
+    follow_links: bool = False
+    """Instruct: accept symlinks inside image_root that lead outside it (a trusted folder linking to image
+    stores elsewhere); `../` and absolute image paths are refused either way."""
+
+
+def missing_files(source: SourceConfig) -> list[str]:
+    """The local files and folders a source names that do not exist (remote and `pipe:` shards are not
+    checked: they are counted as `bad_shard` skips when they fail)."""
+    if source.kind == "instruct":
+        missing = [] if os.path.isfile(source.path) else [source.path]
+        if source.image_root is not None and not os.path.isdir(source.image_root):
+            missing.append(f"{source.image_root}/ (image_root)")
+        return missing
+    local = (local_path(url) for url in expand_urls(source.path))
+    return [path for path in local if path is not None and not os.path.isfile(path)]
+
+
+class DataSkipError(RuntimeError):
+    """Too many samples of a window were skipped: the run stops instead of training on what is left."""
 
 
 # Checkpoints store the data module's hyperparameters; allow these under torch.load(weights_only=True).
@@ -93,6 +116,7 @@ class LlavaDataModule(L.LightningDataModule):
         train: list[SourceConfig] | dict[str, list[SourceConfig]],
         val: list[SourceConfig] | dict[str, list[SourceConfig]] | None = None,
         predict: SourceConfig | None = None,
+        test: list[SourceConfig] | dict[str, list[SourceConfig]] | None = None,
         template: str = "vicuna_v1",
         batch_size: int = 16,
         num_workers: int = 4,
@@ -102,6 +126,9 @@ class LlavaDataModule(L.LightningDataModule):
         mixture_epoch_length: int | None = None,
         seed: int = 0,
         strict: bool = False,
+        max_skip_ratio: float = 0.5,
+        skip_window: int = 1000,
+        missing_data_hint: str | None = None,
         uint8_pixels: bool = True,
         tokenizer: Any = None,
         image_settings: ImageSettings | None = None,
@@ -114,6 +141,7 @@ class LlavaDataModule(L.LightningDataModule):
             val: Validation sources (read in order, no shuffling), a list or keyed by stage like `train`.
             predict: Prompts for `predict`: a LLaVA JSON (kind instruct); each record's first human turn and
                 its images are answered (write the replies with `llava_lightning.PredictionWriter`).
+            test: Sources for `test` (loss, perplexity, next-token accuracy), read in order like `val`.
             template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto).
             batch_size: Samples per device per step (skipped samples make a batch smaller).
             num_workers: DataLoader worker processes per device.
@@ -123,6 +151,10 @@ class LlavaDataModule(L.LightningDataModule):
             mixture_epoch_length: Samples per rank per epoch when several training sources are mixed.
             seed: Seed for shard order, shuffling and mixing.
             strict: Raise on the first bad sample instead of skipping and counting it.
+            max_skip_ratio: Stop training when more than this share of a window's samples were skipped (1.0: never).
+            skip_window: Samples per rank in the window `max_skip_ratio` is checked over (whole batches).
+            missing_data_hint: Added to the error for missing data files: how to get them (e.g. the command
+                that generates them).
             uint8_pixels: Ship uint8 pixels from workers; the model normalizes them on its device.
             tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
             image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
@@ -133,6 +165,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.stage = stage
         self.train_sources = _for_stage(train, stage, "train")
         self.val_sources = _for_stage(val or [], stage, "val")
+        self.test_sources = _for_stage(test or [], stage, "test")
         if predict is not None and predict.kind != "instruct":
             raise ValueError(
                 f"data.predict must be a LLaVA JSON source (kind: instruct), got kind {predict.kind!r}"
@@ -141,7 +174,15 @@ class LlavaDataModule(L.LightningDataModule):
         self.template, self.batch_size, self.num_workers = template, batch_size, num_workers
         self.max_length, self.image_aspect, self.shuffle_buffer = max_length, image_aspect, shuffle_buffer
         self.mixture_epoch_length, self.seed, self.strict = mixture_epoch_length, seed, strict
+        if not 0.0 <= max_skip_ratio <= 1.0:
+            raise ValueError(f"max_skip_ratio must be within [0, 1], got {max_skip_ratio}")
+        if skip_window < 1:
+            raise ValueError(f"skip_window must be >= 1 sample, got {skip_window}")
+        self.max_skip_ratio, self.skip_window = max_skip_ratio, skip_window
+        self.missing_data_hint = missing_data_hint
         self.uint8_pixels = uint8_pixels
+        self._window: Counter[str] = Counter()  # samples (`seen`) and skips per reason since the last check
+        self._window_batches = 0
         self.encoder: SampleEncoder | None = None
         self.collator: LlavaCollator | None = None
         self.seen = 0
@@ -169,10 +210,50 @@ class LlavaDataModule(L.LightningDataModule):
         self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id)
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_files(stage)
         if self.encoder is None:
             if self.trainer is None or self.trainer.lightning_module is None:
                 raise RuntimeError("LlavaDataModule needs connect(model) before use outside a Trainer")
             self.connect(self.trainer.lightning_module.model)
+
+    _READS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+    def check_files(self, stage: str | None = None) -> None:
+        """Raise `FileNotFoundError` naming every missing local file of the sources `stage` reads
+        (`fit`: train and val, `validate`, `test`, `predict`; None: all), with `missing_data_hint`."""
+        groups = {
+            "train": self.train_sources,
+            "val": self.val_sources,
+            "test": self.test_sources,
+            "predict": [self.predict_source] if self.predict_source else [],
+        }
+        self._check_sources({what: groups[what] for what in self._READS.get(stage, tuple(groups))})
+
+    def _check_sources(self, groups: dict[str, list[SourceConfig]]) -> None:
+        problems = []
+        for what, group in groups.items():
+            for source in group:
+                if source.kind == "instruct" and source.image_root is None:
+                    problems.append(
+                        f"data.{what} source {source.path} needs image_root (the folder its images are in)"
+                    )
+                missing = missing_files(source)
+                if missing:
+                    shown = ", ".join(missing[:3]) + (
+                        f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                    )
+                    problems.append(f"data.{what} source {source.path}: {len(missing)} missing ({shown})")
+        if problems:
+            hint = self.missing_data_hint or (
+                "check the paths (relative ones are read from the working directory); data_recipes/README.md "
+                "says how to prepare each dataset"
+            )
+            raise FileNotFoundError(
+                "data files do not exist:\n  "
+                + "\n  ".join(problems)
+                + f"\n(working directory {os.getcwd()}). "
+                + hint
+            )
 
     def _build(self, source: SourceConfig, train: bool, batch_size: int) -> Dataset | IterableDataset:
         if source.kind == "captions":
@@ -188,14 +269,14 @@ class LlavaDataModule(L.LightningDataModule):
                 batch_size=batch_size,
             )
         if source.kind == "instruct":
-            if source.image_root is None:
-                raise ValueError(f"instruct source {source.path} needs image_root")
-            return InstructionDataset(source.path, source.image_root, self.encoder)
+            return InstructionDataset(source.path, source.image_root, self.encoder, source.follow_links)
         raise ValueError(f"unknown source kind {source.kind!r}: use 'captions' or 'instruct'")
 
-    def _loader(self, sources: list[SourceConfig], train: bool) -> DataLoader:
+    def _loader(self, sources: list[SourceConfig], what: str) -> DataLoader:
         if self.encoder is None:
             self.setup()
+        self._check_sources({what: sources})
+        train = what == "train"
         # Alone, caption shards read whole batches per worker (len(loader) exact); in a mixture, samples.
         datasets = [self._build(s, train, self.batch_size if len(sources) == 1 else 1) for s in sources]
         if len(datasets) > 1:
@@ -231,7 +312,7 @@ class LlavaDataModule(L.LightningDataModule):
         # module can scale each micro-batch loss before backward (training/step_tokens.py).
         from ..training.step_tokens import StepTokenLoader
 
-        loader, trainer = self._loader(self.train_sources, train=True), self.trainer
+        loader, trainer = self._loader(self.train_sources, "train"), self.trainer
         if trainer is None:
             return StepTokenLoader.wrap(loader)
         return StepTokenLoader.wrap(
@@ -239,7 +320,15 @@ class LlavaDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_sources, train=False) if self.val_sources else []
+        return self._loader(self.val_sources, "val") if self.val_sources else []
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.test_sources:
+            raise ValueError(
+                "test needs data.test: a list of sources such as [{kind: instruct, path: TEST.json, "
+                "image_root: DIR}] (conf/test.yaml sets the embedded default's held-out set)"
+            )
+        return self._loader(self.test_sources, "test")
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_source is None:
@@ -247,7 +336,7 @@ class LlavaDataModule(L.LightningDataModule):
                 "predict needs data.predict: {kind: instruct, path: PROMPTS.json, image_root: DIR}"
             )
         src = self.predict_source
-        dataset = PromptDataset(src.path, src.image_root)
+        dataset = PromptDataset(src.path, src.image_root, src.follow_links)
         return DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts
         )
@@ -275,11 +364,36 @@ class LlavaDataModule(L.LightningDataModule):
             logger.log_metrics(metrics, step=self.trainer.global_step)
 
     def count(self, batch: dict) -> None:
-        """Add a batch's kept and skipped samples to the epoch's counters."""
+        """Add a batch's kept and skipped samples to the epoch's counters and the skip window."""
         skipped = batch.get("skipped") or {}
         # Padding slots (which even out ranks) are counted under skipped/padding, not as samples seen.
-        self.seen += len(batch["input_ids"]) + sum(v for k, v in skipped.items() if k != PADDING)
+        seen = len(batch["input_ids"]) + sum(v for k, v in skipped.items() if k != PADDING)
+        self.seen += seen
         self.skipped.update(skipped)
+        self._window["seen"] += seen
+        self._window.update({k: v for k, v in skipped.items() if k != PADDING})
+        self._window_batches += 1
+        if self._window_batches >= math.ceil(self.skip_window / self.batch_size):
+            self._check_window()
+
+    def _check_window(self) -> None:
+        """Stop when the window's skipped share, over all ranks, exceeds `max_skip_ratio`. Every rank runs
+        the same number of batches, so all reach this check (a collective) at the same batch."""
+        window, self._window, self._window_batches = self._window, Counter(), 0
+        skipped = sum(v for k, v in window.items() if k != "seen")
+        counts = torch.tensor([window["seen"], skipped], dtype=torch.float64)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        seen, skipped = (int(c) for c in counts)
+        if seen and skipped / seen > self.max_skip_ratio:
+            reasons = ", ".join(f"{k} {v}" for k, v in window.most_common() if k != "seen")
+            raise DataSkipError(
+                f"stopping: {skipped} of the last {seen} samples were skipped ({skipped / seen:.0%} > "
+                f"data.max_skip_ratio {self.max_skip_ratio:.0%}); on this rank: {reasons}. Each skip is logged "
+                "with its file or record ('skipping ...'): fix the data, or raise data.max_skip_ratio "
+                "(1.0 never stops)"
+            )
 
     def epoch_summary(self) -> dict[str, int]:
         """Samples seen and skipped per reason since the last call (logged, then reset)."""

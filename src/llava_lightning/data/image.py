@@ -7,6 +7,10 @@ caller says how small the image will end up. `ImageTransform` is the CLIP prepro
 (`square`: resize the short side + centre crop; `pad`: LLaVA-1.5's expand-to-square with the mean colour
 first): the same pixels as `transformers.CLIPImageProcessor` (same resize kernel), without its per-call
 overhead and extra copies.
+
+Memory stays bounded whatever a header claims: `decode_image` refuses, from the header, images over
+`max_pixels` or more elongated than `max_aspect_ratio`, and `ImageTransform` refuses an image whose
+padded canvas or resized-before-crop array would exceed its own `max_pixels`, before allocating it.
 """
 
 from __future__ import annotations
@@ -29,10 +33,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageTransform", "decode_image", "to_rgb"]
+__all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "ImageTransform",
+    "decode_image",
+    "to_rgb",
+]
 
 DEFAULT_MAX_PIXELS = 178_956_970
-"""Default per-call pixel limit: Pillow's own hard limit (2 x `Image.MAX_IMAGE_PIXELS`)."""
+"""Default per-call pixel limit: Pillow's own hard limit (2 x `Image.MAX_IMAGE_PIXELS`). Also the
+default budget of `ImageTransform`'s largest array (the padded canvas, the resize before the crop)."""
+
+DEFAULT_MAX_ASPECT_RATIO = 100
+"""Default limit on long side / short side. The pixel limit alone lets a tiny file be a 1 x 100000
+strip, whose expand-to-square canvas is 10^10 pixels and whose short-side resize is `size` x
+`size * 100000`. At 100:1 the resize before the crop is at most `size` x `100 * size` (34 MB at 336),
+the padded canvas is capped by `ImageTransform`'s budget, and nothing a caption or question could be
+about is lost: past 100:1 the short side of a padded image shrinks below 1% of the frame (3.4
+pixels of a 336 frame), and a square crop shows under 1% of the image."""
 
 ALPHA_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited onto white (as `transformers`' `convert_to_rgb` does; LLaVA's plain
@@ -61,6 +81,11 @@ class ImageDecodeError(ValueError):
     """The data is not a decodable image, is truncated or corrupt, or is larger than allowed."""
 
 
+def _ratio(value: float) -> str:
+    """An aspect ratio as `N:1` (`1.5:1` when not a whole number)."""
+    return f"{value:.0f}:1" if float(value).is_integer() else f"{value:.1f}:1"
+
+
 def _describe(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
@@ -71,6 +96,7 @@ def decode_image(
     source: bytes | str | os.PathLike[str],
     target_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Decode `source` (encoded bytes or a file path) into an 8-bit RGB image.
 
@@ -81,7 +107,8 @@ def decode_image(
     - An image with more than `max_pixels` pixels is refused from its header, before any pixel is
       decoded. Pillow's global `Image.MAX_IMAGE_PIXELS` check still runs inside `Image.open`; its
       `DecompressionBombError` (and its warning, where a warnings filter raises it) becomes
-      `ImageDecodeError` too.
+      `ImageDecodeError` too. So is an image whose long side is more than `max_aspect_ratio` times its
+      short side (`DEFAULT_MAX_ASPECT_RATIO`, 100:1: see there why), or one with a zero-sized side.
     - Truncated or corrupt data raises `ImageDecodeError` (`ImageFile.LOAD_TRUNCATED_IMAGES` is left as
       it is; leave it False to get this guarantee).
     - With `target_size` (the size the caller will downscale the short side to), a JPEG whose short side
@@ -95,13 +122,17 @@ def decode_image(
         raise ValueError(f"target_size must be positive or None, got {target_size}")
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not max_aspect_ratio >= 1:
+        raise ValueError(
+            f"max_aspect_ratio must be at least 1 (long side / short side), got {max_aspect_ratio}"
+        )
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         stream: IO[bytes] = io.BytesIO(source)
     else:
         stream = open(os.fspath(source), "rb")  # open errors (missing file, ...) propagate as they are
     try:
-        return _decode(stream, source, target_size, max_pixels)
+        return _decode(stream, source, target_size, max_pixels, max_aspect_ratio)
     finally:
         stream.close()
 
@@ -111,6 +142,7 @@ def _decode(
     source: bytes | str | os.PathLike[str],
     target_size: int | None,
     max_pixels: int,
+    max_aspect_ratio: float,
 ) -> Image.Image:
     what = _describe(source)
     try:
@@ -125,6 +157,15 @@ def _decode(
         raise ImageDecodeError(
             f"image {what} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
             "(possible decompression bomb)"
+        )
+    if min(width, height) <= 0:
+        raise ImageDecodeError(f"image {what}: {width}x{height} has no pixels (a zero-sized side)")
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > max_aspect_ratio * short_side:
+        raise ImageDecodeError(
+            f"image {what} is {width}x{height}, an aspect ratio of {_ratio(long_side / short_side)}, over "
+            f"the limit of {_ratio(max_aspect_ratio)} (a strip no model input can show; its transform "
+            "would need a huge canvas or resize); pass max_aspect_ratio= to allow more"
         )
 
     if target_size is not None and min(width, height) >= _DRAFT_FACTOR * target_size:
@@ -221,6 +262,12 @@ class ImageTransform:
     pixels without a layout copy), without its per-call overhead: the crop is a view, and the uint8 ->
     float32 conversion and the fused `(x - 255 * mean) * (1 / (255 * std))` run in one output buffer. Non-RGB images are converted as `decode_image` does.
     Holds only numbers, so it pickles into DataLoader workers.
+
+    `max_pixels` bounds the largest array the transform makes, checked before it is allocated: the
+    padded square (`aspect="pad"`: long side squared) and the resized image before the crop
+    (`size` x `int(size * long / short)`). An image over it raises `ImageDecodeError` (a `bad_image`
+    skip for `SampleEncoder`). `decode_image`'s aspect-ratio limit keeps the resize far below it, but
+    a decoded image can still be over it in `pad` mode (150 x 15000: a 225-million-pixel canvas).
     """
 
     def __init__(
@@ -229,6 +276,7 @@ class ImageTransform:
         mean: Sequence[float],
         std: Sequence[float],
         aspect: Literal["square", "pad"] = "square",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -238,7 +286,10 @@ class ImageTransform:
             raise ValueError(f"std values must be positive, got {tuple(std)}")
         if aspect not in ("square", "pad"):
             raise ValueError(f"aspect must be 'square' or 'pad', got {aspect!r}")
+        if max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.size = int(size)
+        self.max_pixels = int(max_pixels)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.aspect = aspect
@@ -253,7 +304,10 @@ class ImageTransform:
         return cls(tower.image_size, tower.image_mean, tower.image_std, aspect=aspect)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, mean={self.mean}, std={self.std}, aspect={self.aspect!r})"
+        return (
+            f"{type(self).__name__}(size={self.size}, mean={self.mean}, std={self.std}, "
+            f"aspect={self.aspect!r}, max_pixels={self.max_pixels})"
+        )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.to_uint8(image))
@@ -264,21 +318,45 @@ class ImageTransform:
         Data loaders ship these (4x smaller than float32 between processes); `LlavaModel` normalizes
         uint8 pixel values on its own device with the same mean and std.
         """
+        new_w, new_h = self._check_budget(*image.size)
         pixels = _pixels(to_rgb(image), self.fill if self.aspect == "pad" else None)
         height, width = pixels.shape[:2]
         size = self.size
         # [1, 3, H, W] view of the HWC buffer (channels-last), the layout the uint8 kernel works in.
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
         if (height, width) != (size, size):
-            # CLIPImageProcessor: short side -> size, long side -> int(size * long / short).
-            if width <= height:
-                new_h, new_w = int(size * height / width), size
-            else:
-                new_h, new_w = size, int(size * width / height)
             x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
             top, left = (new_h - size) // 2, (new_w - size) // 2
             x = x[:, :, top : top + size, left : left + size]
         return x[0].contiguous()
+
+    def _check_budget(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the image is resized to before the crop; `ImageDecodeError` when the
+        padded canvas or that resize would exceed `max_pixels` (checked before either is allocated)."""
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(f"image {width}x{height} has no pixels (a zero-sized side)")
+        if self.aspect == "pad":
+            side = max(width, height)
+            if side * side > self.max_pixels:
+                raise ImageDecodeError(
+                    f"image {width}x{height} padded to a square (aspect='pad') needs a canvas of "
+                    f"{side}x{side} = {side * side} pixels, over the limit of {self.max_pixels} "
+                    "(ImageTransform max_pixels); shrink or drop the image, or raise max_pixels"
+                )
+            width = height = side
+        size = self.size
+        # CLIPImageProcessor: short side -> size, long side -> int(size * long / short).
+        if width <= height:
+            new_w, new_h = size, int(size * height / width)
+        else:
+            new_w, new_h = int(size * width / height), size
+        if new_w * new_h > self.max_pixels:
+            raise ImageDecodeError(
+                f"image {width}x{height} resized to short side {size} would be {new_w}x{new_h} = "
+                f"{new_w * new_h} pixels before the crop, over the limit of {self.max_pixels} "
+                "(ImageTransform max_pixels); decode_image's max_aspect_ratio refuses such strips"
+            )
+        return new_w, new_h
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 `[3, H, W]` -> float32 `(x / 255 - mean) / std`."""

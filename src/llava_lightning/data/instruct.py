@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from .image_paths import ImagePathError, ImageRoot, record_image_paths
 from .sample import SampleEncoder, padding
 
 log = logging.getLogger(__name__)
 
 
-def image_list(record: dict[str, Any]) -> list[str]:
-    """The record's image paths in order ([] for a text-only record)."""
-    image = record.get("image")
-    if image is None:
-        return []
-    return [image] if isinstance(image, str) else list(image)
+def _image_count(record: Any) -> int:
+    """Images a record names (0 for a malformed record: it becomes a counted skip when read)."""
+    try:
+        return len(record_image_paths(record)) if isinstance(record, dict) else 0
+    except ImagePathError:
+        return 0
 
 
 class InstructionIndex:
@@ -50,7 +51,7 @@ class InstructionIndex:
             blob = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             chunks.append(blob)
             offsets.append(offsets[-1] + len(blob))
-            images.append(len(image_list(record)) if isinstance(record, dict) else 0)
+            images.append(_image_count(record))
         del records
         self.buffer = b"".join(chunks)
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -66,11 +67,18 @@ class InstructionIndex:
 
 
 class InstructionDataset(Dataset):
-    """Encoded samples of an instruction JSON; images are read from `image_root`."""
+    """Encoded samples of an instruction JSON; images are read from inside `image_root` only
+    (`image_paths.ImageRoot`: a path that leaves it is a `path_outside_root` skip)."""
 
-    def __init__(self, index: InstructionIndex | str | Path, image_root: str | Path, encoder: SampleEncoder):
+    def __init__(
+        self,
+        index: InstructionIndex | str | Path,
+        image_root: str | Path,
+        encoder: SampleEncoder,
+        follow_links: bool = False,
+    ):
         self.index = index if isinstance(index, InstructionIndex) else InstructionIndex(index)
-        self.image_root = Path(image_root)
+        self.image_root = ImageRoot(image_root, follow_links)
         self.encoder = encoder
 
     def __len__(self) -> int:
@@ -85,7 +93,11 @@ class InstructionDataset(Dataset):
             return self.encoder.fail("malformed_record", where, "record needs a 'conversations' list")
         where += f" id={record.get('id')}"
         try:
-            paths = [self.image_root / p for p in image_list(record)]
-        except TypeError:
-            return self.encoder.fail("malformed_record", where, "'image' must be a path or a list of paths")
+            paths = [self.image_root.resolve(p) for p in record_image_paths(record)]
+        except ImagePathError as err:
+            return self.encoder.fail(err.reason, where, str(err))
+        except FileNotFoundError as err:
+            return self.encoder.fail("missing_image", where, str(err))
+        except (OSError, ValueError) as err:  # unreadable path: permissions, a name too long, a NUL byte
+            return self.encoder.fail("bad_image", where, f"{type(err).__name__}: {err}")
         return self.encoder(record["conversations"], paths, where)

@@ -79,6 +79,9 @@ class SampleEncoder:
         except (ImageDecodeError, OSError) as err:
             reason = "missing_image" if isinstance(err, FileNotFoundError) else "bad_image"
             return self.fail(reason, where, str(err))
+        except Exception as err:  # anything else one sample raises ends no run outside strict mode
+            log.debug("unexpected error encoding %s", where, exc_info=True)
+            return self.fail("encode_error", where, f"{type(err).__name__}: {err}")
         size = self.transform.size
         return {
             "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),

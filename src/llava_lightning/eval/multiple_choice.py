@@ -28,7 +28,8 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from ..data.image import decode_image
-from ..data.prompts import image_paths, prompt_of
+from ..data.image_paths import ImageRoot, record_image_paths
+from ..data.prompts import prompt_of
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def evaluate_multiple_choice(
                     f"{json_path}: record {r.get('id')!r} has no {group_by!r} field to group by; "
                     "add it to every record or leave group_by unset"
                 )
-    root = Path(image_root)
+    root = ImageRoot(image_root)
     accuracy = MeanMetric().set_dtype(torch.float64)
     chance = MeanMetric().set_dtype(torch.float64)
     predictions: list[dict[str, Any]] = []
@@ -126,8 +127,8 @@ def evaluate_multiple_choice(
         prompts = [prompt_of(r) for r in batch]
         images: list[Any] = []
         for r in batch:
-            paths = image_paths(r)
-            images.append([decode_image(root / p) for p in paths] if paths else None)
+            paths = [root.resolve(p) for p in record_image_paths(r)]
+            images.append([decode_image(p) for p in paths] if paths else None)
         replies = model.generate(
             images, prompts, template=template, max_new_tokens=max_new_tokens, aspect=aspect
         )
