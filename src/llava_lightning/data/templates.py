@@ -7,10 +7,25 @@ gives every token of a segment that segment's label, so labels cannot drift from
 no re-tokenization of substrings and no length arithmetic (the cause of LLaVA's "tokenization
 mismatch"). Exact strings follow `shared/reference/llava-facts.md` §3.
 
-Each segment is tokenized as a continuation (after an atomic special token), which is how a
-SentencePiece tokenizer without the legacy dummy prefix, or a byte-level BPE, sees text in the middle
-of a conversation. Generation prompts use the same encoder, so training and inference agree token
-for token.
+Token ids. A segment is tokenized either as the start of a text (`tokenizer(text,
+add_special_tokens=False)`: a SentencePiece tokenizer puts its `▁` dummy prefix on the first word) or
+as a continuation (after an atomic special token, which is how a SentencePiece tokenizer with
+`legacy=False` sees text in the middle of a string: no dummy prefix). The first non-empty segment of
+a sequence is a start, the others are continuations, except `plain`'s caption (below). For a
+byte-level BPE (no dummy prefix) both ways tokenize alike. What holds, checked in
+`tests/test_llava_token_ids.py` with the Llama-2/Vicuna tokenizer (`legacy=False`):
+- a chat template's ids equal the tokenizer on the rendered string (`render`, each `<image>` then
+  expanded to `num_image_tokens` image ids), first token included (`▁A chat ...`), for training
+  samples and for generation prompts alike (`generate` builds its prompts with this encoder);
+- ids and labels equal LLaVA's `preprocess_plain` / `preprocess_v1` / `preprocess_llama_2` except
+  for one token: LLaVA tokenizes the text after each `<image>` as a separate chunk
+  (`tokenizer_image_token`), so after an image a text that starts with `\\n` gets a lone `▁` (id
+  29871) in LLaVA, which the tokenizer on the whole string does not give and we do not either
+  (unsupervised, inside the prompt);
+- `plain` (stage 1) tokenizes the caption after the image as the start of a text, as LLaVA does: the
+  supervised caption starts `▁a`, not `a` (a fresh chunk in LLaVA; the generation prompt of `plain`
+  is the images alone, so inference is unaffected).
+Generation prompts use the same encoder, so a prompt is token for token the training prefix.
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ class SampleError(ValueError):
 class Segment:
     text: str
     supervised: bool
+    start: bool = False
+    """Tokenize as the start of a text (dummy prefix) even when text precedes it (`plain`'s caption)."""
 
 
 def _normalize_images(value: str) -> str:
@@ -67,6 +84,12 @@ def _turns(conversations: list[dict[str, Any]]) -> tuple[str | None, list[tuple[
         raise SampleError("empty_conversation", "the sample has no turns")
     system = None
     turns = list(conversations)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SampleError(
+                "malformed_record",
+                f"turn {i} is a {type(turn).__name__}, not an object with 'from' and 'value'",
+            )
     if turns[0].get("from") == "system":
         system = str(turns.pop(0).get("value", ""))
     pairs: list[tuple[str, str | None]] = []
@@ -135,8 +158,10 @@ class Template:
         codec = _SegmentCodec.of(tokenizer)
         ids: list[int] = list(codec.bos)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
+        started = False  # has any text been tokenized? The first text is a start, as in the whole string.
         for seg in segments:
-            piece = codec.tokenize(seg.text, num_image_tokens)
+            piece = codec.tokenize(seg.text, num_image_tokens, start=seg.start or not started)
+            started = started or bool(seg.text)
             ids += piece
             labels += piece if seg.supervised else [IGNORE_INDEX] * len(piece)
         if max_length is not None and len(ids) > max_length:
@@ -155,7 +180,7 @@ class Template:
 
 
 class _SegmentCodec:
-    """Tokenizes segments as continuations, resolves BOS/EOS placeholders and expands `<image>`."""
+    """Tokenizes segments (as a start or a continuation), resolves BOS/EOS placeholders, expands `<image>`."""
 
     _cache: dict[int, _SegmentCodec] = {}
 
@@ -166,6 +191,9 @@ class _SegmentCodec:
             raise ValueError(
                 f"the tokenizer has no {IMAGE} token: build it with llava_lightning's language model"
             )
+        alone = tokenizer(IMAGE, add_special_tokens=False)["input_ids"]
+        if alone != [self.image_id]:
+            raise RuntimeError(f"tokenizer does not keep {IMAGE!r} as one token: {alone}")
         probe = tokenizer("x")["input_ids"]
         bos = tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe[:1] == [bos] else []
@@ -178,15 +206,21 @@ class _SegmentCodec:
             codec = cls._cache[id(tokenizer)] = cls(tokenizer)
         return codec
 
-    def tokenize(self, text: str, num_image_tokens: int) -> list[int]:
+    def tokenize(self, text: str, num_image_tokens: int, start: bool = False) -> list[int]:
+        """`text`'s ids as the start of a text (`start`: the tokenizer's dummy prefix, if any, applies)
+        or as a continuation of one; each `<image>` becomes `num_image_tokens` image ids."""
         for placeholder, value in self.specials.items():
             text = text.replace(placeholder, value)
-        # The atomic `<image>` token in front makes the text a continuation (no dummy prefix).
-        ids = self.tokenizer(IMAGE + text, add_special_tokens=False)["input_ids"]
-        if ids[:1] != [self.image_id]:
-            raise RuntimeError(f"tokenizer split {IMAGE!r} into several tokens: {ids[:4]}")
+        if start:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            # The atomic `<image>` token in front makes the text a continuation (no dummy prefix).
+            ids = self.tokenizer(IMAGE + text, add_special_tokens=False)["input_ids"]
+            if ids[:1] != [self.image_id]:
+                raise RuntimeError(f"tokenizer split {IMAGE!r} into several tokens: {ids[:4]}")
+            ids = ids[1:]
         out: list[int] = []
-        for i in ids[1:]:
+        for i in ids:
             if i == self.image_id:
                 out += [i] * num_image_tokens
             else:
@@ -195,7 +229,10 @@ class _SegmentCodec:
 
 
 class PlainTemplate(Template):
-    """Stage 1: the human turn is replaced by its images; text = images + caption + newline."""
+    """Stage 1: the human turn is replaced by its images; text = images + caption + newline.
+
+    The caption is tokenized as the start of a text (`▁a blue ...`), as LLaVA's `preprocess_plain`
+    does (`tokenizer_image_token` tokenizes the text after the image as a chunk of its own)."""
 
     name = "plain"
 
@@ -204,7 +241,7 @@ class PlainTemplate(Template):
         images = IMAGE * question.count(IMAGE)
         segs = [Segment(images, False)]
         if answer is not None:
-            segs.append(Segment(answer + "\n", True))
+            segs.append(Segment(answer + "\n", True, start=True))
         return segs
 
 
