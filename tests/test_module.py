@@ -225,6 +225,27 @@ def test_the_short_last_group_of_an_epoch_gives_its_large_batch_gradient(shapes_
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "mlp3x_gelu", "identity"])
+def test_every_projector_type_runs_a_forward_and_a_training_step(shapes_dir, tmp_path, projector):
+    from conftest import image_batch, sample_ids
+
+    from llava_lightning.model import get_preset
+
+    spec = get_preset("tiny")  # CLIP and LLM widths are equal (128), as `identity` needs
+    spec.projector = projector
+    lit = LlavaLitModule(spec=spec, stage="finetune", optim=OptimConfig(lr=1e-2))
+    model = lit.model
+    ids = sample_ids(model, 1)[None]
+    out = model(ids, pixel_values=image_batch(model, 1), labels=ids)
+    assert torch.isfinite(out.loss) and out.logits.shape[:2] == ids.shape
+    before = {n: p.detach().clone() for n, p in lit.named_parameters() if p.requires_grad}
+    _trainer(tmp_path, max_steps=1).fit(lit, datamodule=_instruct_dm(shapes_dir, 2))
+    changed = {n for n, p in lit.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert any(n.startswith("model.language_model.") for n in changed)
+    projector_weights = {n for n in before if n.startswith("model.multi_modal_projector.")}
+    assert projector_weights <= changed and (projector_weights or projector == "identity")
+
+
 class LossRecorder(Callback):
     """The logged train/loss of each optimizer step (saving a checkpoint and stopping after `stop_at`)."""
 

@@ -5,6 +5,32 @@ overlay left to right; `${...}` interpolation works; every hyperparameter is a f
 tokenizer and image settings flow into the data module by argument links applied when the model is
 instantiated, so no YAML repeats them. `export --ckpt_path CKPT --out DIR` writes a llava-hf folder (from a
 .ckpt file or a sharded checkpoint folder, consolidated on the fly).
+
+A checkpoint is untrusted input; `--ckpt_path` (a .ckpt file, or the `meta.pt` of a sharded FSDP2 / FSDP
+folder) is read with weights only before anything else, and:
+
+- Remote code. `model.spec.language.trust_remote_code` always comes from the command line (`-c` files and
+  flags; `export --trust_remote_code`), never from a checkpoint: a checkpoint that asks for it is named in a
+  warning, and transformers then refuses code the model's files name.
+- A file that cannot be read (empty, truncated, not a PyTorch checkpoint, objects outside the weights-only
+  allowlist) stops the run with a `CheckpointLoadError` naming it, never with advice to drop the allowlist.
+- `fit --ckpt_path` resumes the run the command line describes: the command line's config (after `-c`
+  files and flags, defaults included) is compared with the checkpoint's `hyper_parameters` (model) and
+  `datamodule_hyper_parameters` (data), value by value. A difference in a key of `APPLIED_ON_RESUME` (they
+  change neither what trains nor which samples are read in which order) is applied, with a warning
+  naming it; any other difference (the model, its stage, optimizer and LoRA settings, gradient
+  checkpointing; the training sources, batch size, template, token limit, image aspect, seed, shuffling,
+  mixture length, pixel transport) is refused with a `ResumeMismatchError` naming key, checkpoint value and
+  command-line value: drop the flag to continue with the checkpoint's value, or start a new run from the
+  checkpoint's weights. Linked values (`data.tokenizer`, `data.image_settings`, `data.stage`) are not
+  compared. A key the checkpoint predates (a setting added since) takes the command line's value, named in
+  a warning; a checkpoint without data settings gets a warning that the data could not be checked.
+- `validate/test/predict --ckpt_path` evaluate the checkpoint's model: its hyperparameters replace the
+  command line's (as LightningCLI does), except the keys of `APPLIED_ON_RESUME` (generation settings
+  among them), which stay the command line's; each difference is named in a warning.
+
+`--ckpt_path last|best|hpc` and DeepSpeed folders are resolved and read by Lightning itself: nothing is
+compared for them (their model is still built with the command line's `trust_remote_code`).
 """
 
 from __future__ import annotations
@@ -21,12 +47,70 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data.datamodule import ImageSettings, LlavaDataModule
 from .module import LlavaLitModule
+from .training.checkpoint_file import callers_trust_remote_code, read_checkpoint
+from .training.resume_check import (
+    check_resume,
+    evaluation_model_settings,
+    plain_config,
+    remote_code_requested,
+    saved_settings,
+    spec_language,
+)
 
 log = logging.getLogger(__name__)
 
 
 class LlavaCLI(LightningCLI):
-    """LightningCLI for LLaVA: model -> data links for tokenizer and image settings."""
+    """LightningCLI for LLaVA: model -> data links for tokenizer and image settings; `--ckpt_path` as the
+    module docstring says (remote code from the command line only, clear errors, checked resumes)."""
+
+    _ckpt_trust: tuple[bool, str] | None = None  # (the command line's trust_remote_code, the checkpoint)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which parses the checkpoint's hyperparameters over the command line
+        (what happens instead: the module docstring, and `training/resume_check.py`)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        given = self.config[subcommand]
+        ckpt_path = given.get("ckpt_path")
+        if not ckpt_path:
+            return
+        model, data = plain_config(given.get("model") or {}), plain_config(given.get("data") or {})
+        trust = remote_code_requested(model)
+        self._ckpt_trust = (trust, str(ckpt_path))
+        saved = saved_settings(ckpt_path, weights_only=given.get("weights_only") is not False)
+        if saved is None:
+            return
+        saved_model, saved_data = saved
+        if remote_code_requested(saved_model) and not trust:
+            log.warning(
+                "checkpoint %s asks for model.spec.language.trust_remote_code=true; ignored: remote code runs "
+                "only on your own say-so (--model.spec.language.trust_remote_code=true), so transformers "
+                "refuses code the model's files name",
+                ckpt_path,
+            )
+        if subcommand == "fit":
+            check_resume(ckpt_path, model, data, saved_model, saved_data)
+            return
+        taken = evaluation_model_settings(subcommand, ckpt_path, model, saved_model)
+        if taken:
+            try:
+                self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+            except SystemExit:
+                sys.stderr.write(f"Parsing of the hyperparameters of {ckpt_path} failed!\n")
+                raise
+        language = spec_language(self.config[subcommand].model.get("spec"))
+        if language is not None:
+            language.trust_remote_code = trust
+
+    def instantiate_classes(self) -> None:
+        if self._ckpt_trust is None:
+            super().instantiate_classes()
+            return
+        # Whatever form the checkpoint's hyperparameters took, the module gets the command line's value.
+        with callers_trust_remote_code(*self._ckpt_trust):
+            super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.stage", "data.stage", apply_on="parse")
@@ -54,7 +138,7 @@ def consolidated(ckpt_path: str | Path) -> Iterator[str]:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "full.ckpt"
+            out = Path(tmp) / f"{path.name}.consolidated.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
             yield str(out)
         return
@@ -63,9 +147,12 @@ def consolidated(ckpt_path: str | Path) -> Iterator[str]:
             f"{path} is a folder but not a sharded checkpoint (no torch.distributed.checkpoint `.metadata`, "
             "no DeepSpeed `latest`); pass a .ckpt file or the checkpoint folder a sharded run wrote"
         )
+    # Lightning keeps everything but the weights in `meta.pt` beside the shards (read first: a corrupt one
+    # is named before any shard is read).
+    checkpoint = read_checkpoint(path / "meta.pt", mmap=False)
     # The model weights only (no optimizer state), rebuilt from the shards' metadata in one process as
     # torch's `dcp_to_torch_save` does (with the same private helpers: the public `load` only fills
-    # keys already present); Lightning keeps everything else in `meta.pt` beside them.
+    # keys already present).
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -74,10 +161,9 @@ def consolidated(ckpt_path: str | Path) -> Iterator[str]:
     # The weights' key: "state_dict" (ModelParallelStrategy / FSDP2), "model" (FSDPStrategy / FSDP1).
     planner = _EmptyStateDictLoadPlanner(keys={"state_dict", "model"})
     _load_state_dict(weights, storage_reader=FileSystemReader(path), planner=planner, no_dist=True)
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = weights.get("state_dict", weights.get("model"))
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.ckpt"
+        out = Path(tmp) / f"{path.name}.consolidated.ckpt"
         torch.save(checkpoint, out)
         yield str(out)
 
@@ -96,9 +182,19 @@ def export(argv: list[str]) -> None:
     parser.add_argument(
         "--out", required=True, help="Folder to write (config, safetensors, processor, tokenizer)"
     )
+    parser.add_argument(
+        "--trust_remote_code",
+        type=bool,
+        default=False,
+        help="Let transformers run code that the model's hub repository or folder names (only if you trust "
+        "it). A checkpoint's own trust_remote_code is ignored",
+    )
     args = parser.parse_args(argv)
     with consolidated(args.ckpt_path) as ckpt_file:
-        lit = LlavaLitModule.load_from_checkpoint(ckpt_file, map_location="cpu", weights_only=True)
+        # A checkpoint that asks for remote code is named in a warning (by load_from_checkpoint).
+        lit = LlavaLitModule.load_from_checkpoint(
+            ckpt_file, map_location="cpu", weights_only=True, trust_remote_code=args.trust_remote_code
+        )
     model = lit.model
     if hasattr(model.language_model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model.language_model = model.language_model.merge_and_unload()

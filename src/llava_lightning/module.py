@@ -29,6 +29,8 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
 from .model.llava import IGNORE_INDEX
+from .training.checkpoint_file import callers_trust_remote_code, read_checkpoint, with_callers_trust
+from .training.epoch_end_resume import epoch_end_as_last_batch
 from .training.params import param_groups, param_table
 from .training.schedule import warmup_cosine
 from .training.step_tokens import STEP_FIRST, STEP_TOKENS, count_supervised, token_mean_scale
@@ -147,6 +149,8 @@ class LlavaLitModule(L.LightningModule):
         if preset is None and spec is None:
             raise ValueError("give the model as `preset` (e.g. tiny, llava-1.5-7b) or as `spec`")
         self.spec = get_preset(preset) if preset is not None else spec
+        # Under load_from_checkpoint (or a CLI run from a checkpoint): the caller's trust_remote_code.
+        self.spec = with_callers_trust(self.spec)
         self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
         self.optim, self.lora_config = optim, lora
         self.gradient_checkpointing = gradient_checkpointing
@@ -208,6 +212,36 @@ class LlavaLitModule(L.LightningModule):
         """The model is still the meta-device skeleton of `sharded_init` (no storage yet)."""
         return any(p.is_meta for p in self.model.parameters())
 
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> LlavaLitModule:
+        """Lightning's `load_from_checkpoint`, with two guards for files one may not trust:
+
+        - remote code: the model spec's `trust_remote_code` is this argument, whatever the checkpoint's
+          hyperparameters (or `hparams_file`, or `spec` in kwargs) say; a checkpoint that asked for it is
+          named in a warning;
+        - a local file is first read with weights only (memory-mapped: the weights are not read), so an
+          empty, truncated or foreign file, or one holding objects outside the allowlist, raises
+          `CheckpointLoadError` naming it (skipped when the caller passes `weights_only=False`).
+        """
+        is_local_file = isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file()
+        if is_local_file and weights_only is not False:
+            read_checkpoint(checkpoint_path)  # the clear error, before Lightning's own torch.load
+        source = str(checkpoint_path) if isinstance(checkpoint_path, (str, Path)) else repr(checkpoint_path)
+        with callers_trust_remote_code(trust_remote_code, source):
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # `load_from_checkpoint` of a sharded_init run (export, notebooks): give the skeleton real
         # storage first (loading into meta tensors would silently do nothing). Weights are not read from
@@ -215,6 +249,9 @@ class LlavaLitModule(L.LightningModule):
         if self._is_skeleton():
             self.model = LlavaModel.from_spec(self.spec, load_weights=False)
             self.apply_stage()
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and trainer.max_steps != -1:
+            epoch_end_as_last_batch(checkpoint)  # Lightning #19617: training/epoch_end_resume.py
 
     # ----------------------------------------------------------------------------------- stages
     def components(self) -> dict[str, torch.nn.Module]:
@@ -495,18 +532,21 @@ class LlavaLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         tokens = self.val_tokens.compute().clamp(min=1)
         loss = self.val_loss_sum.compute() / tokens
+        split = "test" if self.trainer.testing else "val"
         self.log_dict(
             {
-                "val/loss": loss,
-                "val/ppl": torch.exp(loss),
-                "val/accuracy": self.val_correct.compute() / tokens,
+                f"{split}/loss": loss,
+                f"{split}/ppl": torch.exp(loss),
+                f"{split}/accuracy": self.val_correct.compute() / tokens,
             },
             prog_bar=True,
         )
         for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):
             metric.reset()
 
+    # `test` scores `data.test` as validation scores `data.val`, logged as test/loss, test/ppl, test/accuracy.
     test_step = validation_step
+    on_test_start = on_validation_start
     on_test_epoch_end = on_validation_epoch_end
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

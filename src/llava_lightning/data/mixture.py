@@ -40,10 +40,11 @@ class WeightedMixture(IterableDataset):
         return not any(isinstance(source, IterableDataset) for source in self.sources)
 
     def resume(self, batches: int, batch_size: int) -> None:
-        """Make the next pass start after `batches` batches of `batch_size` (one pass only)."""
+        """Make the next pass start after `batches` batches of `batch_size` (one pass only; 0: from
+        the start of the epoch, which drops a position set before)."""
         if not self.resumable:
             raise ValueError("a mixture with streamed (iterable) sources cannot resume mid-epoch")
-        self._resume = (batches, batch_size)
+        self._resume = (batches, batch_size) if batches > 0 else None
 
     def _skip(self, worker: int, workers: int) -> int:
         """Samples this worker already delivered: DataLoader takes batches from workers in turn."""

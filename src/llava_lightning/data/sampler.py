@@ -8,6 +8,12 @@ a counted `padding` skip, so every sample is read exactly once per epoch (`Distr
 repeats samples instead). `ResumableDataLoader` counts the batches it has handed out; Lightning
 stores that in checkpoints (the loader is "stateful") and, on resume, the sampler starts after the
 samples already consumed, so a resumed run sees exactly the batches the uninterrupted run would.
+
+A saved position belongs to the epoch it was saved in. One saved on an epoch's last batch (a
+`ModelCheckpoint(every_n_train_steps=...)` that divides the epoch, a requeue at the epoch's end,
+the `last.ckpt` of a run that `max_steps` stopped there) is the start of the next epoch: Lightning
+counts that epoch as done and goes on with the next one. And a position is only applied if the
+loader's epoch, when it is next iterated, is still the saved one.
 """
 
 from __future__ import annotations
@@ -73,10 +79,28 @@ class ResumableDataLoader(DataLoader):
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch_sampler = sampler
         self._start = 0  # batches to skip on the next pass
+        self._start_epoch: int | None = None  # the epoch `_start` belongs to
         self._consumed = 0
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass reads (the sampler's, or the mixture's)."""
+        return self._epoch_sampler.epoch if self._epoch_sampler is not None else self.dataset.epoch
+
+    def _skip(self, batches: int) -> None:
+        # Where the next pass starts: the sampler (or the mixture) skips the samples of `batches` batches.
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.start = batches * (self.batch_size or 1)
+        else:
+            self.dataset.resume(batches, self.batch_size or 1)
+
     def __iter__(self):
-        self._consumed, self._start = self._start, 0
+        start, self._start = self._start, 0
+        if start and self.epoch != self._start_epoch:
+            # The epoch moved on since the position was loaded: the position is not this epoch's.
+            start = 0
+            self._skip(0)
+        self._consumed = start
         batches = super().__iter__()
         if self._epoch_sampler is None and self.num_workers > 0:
             # Workers hold their own copies of the dataset now; the offset must not reach a later pass.
@@ -87,14 +111,17 @@ class ResumableDataLoader(DataLoader):
         self._consumed = 0
 
     def state_dict(self) -> dict[str, int]:
-        epoch = self._epoch_sampler.epoch if self._epoch_sampler is not None else self.dataset.epoch
-        return {"epoch": epoch, "batches": self._consumed}
+        return {"epoch": self.epoch, "batches": self._consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._start = state["batches"]
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches and batches >= len(self):
+            # Saved on the epoch's last batch: Lightning counts the epoch as done and goes on with
+            # the next one, which starts at its first batch.
+            epoch, batches = epoch + 1, 0
         if self._epoch_sampler is not None:
-            self._epoch_sampler.set_epoch(state["epoch"])
-            self._epoch_sampler.start = state["batches"] * (self.batch_size or 1)
+            self._epoch_sampler.set_epoch(epoch)
         else:
-            self.dataset.set_epoch(state["epoch"])
-            self.dataset.resume(state["batches"], self.batch_size or 1)
+            self.dataset.set_epoch(epoch)
+        self._start, self._start_epoch = batches, epoch
+        self._skip(batches)

@@ -150,7 +150,7 @@ def load_hf(cls, path: str, trust_remote_code: bool = False):
     try:
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError):
         log.warning("%s has no image processor; using the vision tower's default normalisation", path)

@@ -152,8 +152,10 @@ class LlavaModel(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The projector on vision-tower features, cast first to the projector's dtype (a frozen tower
-        may be stored in another one, e.g. bf16 under FSDP2)."""
-        return self.multi_modal_projector(features.to(next(self.multi_modal_projector.parameters()).dtype))
+        may be stored in another one, e.g. bf16 under FSDP2); `identity` has no weights, and its
+        output is cast to the embeddings' dtype where it is scattered (`embed`)."""
+        weight = next(self.multi_modal_projector.parameters(), None)
+        return self.multi_modal_projector(features if weight is None else features.to(weight.dtype))
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` -> `(x / 255 - mean) / std` in float32 with the tower's mean and std."""

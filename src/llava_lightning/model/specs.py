@@ -51,7 +51,10 @@ class LanguageSpec:
     pad_vocab_to_multiple_of: int = 64
     """Round the resized embedding matrix up to this multiple (llava-hf uses 64)."""
     trust_remote_code: bool = False
-    """Allow code from the hub repository to run (off unless you trust it)."""
+    """Let transformers run code that the hub repository or folder of `name` / `tokenizer` names (off unless
+    you trust it). Only you switch it on, never a checkpoint: on `--ckpt_path` this is the command line's
+    value, `export` takes `--trust_remote_code`, `LlavaLitModule.load_from_checkpoint` its
+    `trust_remote_code` argument; a checkpoint's saved value is ignored (with a warning when it asked)."""
 
 
 @dataclass

@@ -126,7 +126,7 @@ class HFVisionTower(VisionTower):
             if mean is None or std is None:
                 from transformers import AutoImageProcessor
 
-                processor = AutoImageProcessor.from_pretrained(spec.name)
+                processor = AutoImageProcessor.from_pretrained(spec.name, trust_remote_code=False)
                 mean = mean or tuple(processor.image_mean)
                 std = std or tuple(processor.image_std)
         return cls(hf_model, spec.feature_layer, spec.select_strategy, mean, std)
@@ -146,7 +146,7 @@ def _load_vision_model(name: str, load_weights: bool = True) -> nn.Module:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    vision_config = _vision_config(AutoConfig.from_pretrained(name))
+    vision_config = _vision_config(AutoConfig.from_pretrained(name, trust_remote_code=False))
     model_class = MODEL_MAPPING[type(vision_config)]
     if not load_weights:
         return model_class(vision_config)

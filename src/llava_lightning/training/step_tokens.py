@@ -98,6 +98,7 @@ class StepTokenLoader:
         self.loader = loader
         self.accumulate, self.limit = accumulate, limit
         self._start = 0  # position (batches of the epoch already run) the next pass starts at
+        self._start_epoch: int | None = None  # the wrapped loader's epoch that `_start` belongs to
         self._position = 0  # batches of the epoch handed out so far
         self._pending: deque = deque()  # read from `loader`, not yet handed out
 
@@ -108,7 +109,7 @@ class StepTokenLoader:
         )
         return (ResumableStepTokenLoader if stateful else cls)(loader, accumulate, limit)
 
-    _OWN = frozenset({"loader", "accumulate", "limit", "_start", "_position", "_pending"})
+    _OWN = frozenset({"loader", "accumulate", "limit", "_start", "_start_epoch", "_position", "_pending"})
 
     def __getattr__(self, name: str) -> Any:
         if name == "loader":  # not set yet (copy / unpickling): no recursion
@@ -136,8 +137,11 @@ class StepTokenLoader:
         accumulate = max(1, int(_resolve(self.accumulate)))
         total = self._total()
         start, self._start = self._start, 0
+        start_epoch, self._start_epoch = self._start_epoch, None
         if start >= total:
             start = 0  # saved at the end of an epoch: the next pass is a new epoch
+        if start_epoch is not None and getattr(self.loader, "epoch", start_epoch) != start_epoch:
+            start = 0  # the epoch moved on since the position was loaded (the loader starts afresh too)
         self._position = start
         self._pending.clear()
         batches = iter(self.loader)
@@ -166,6 +170,10 @@ class ResumableStepTokenLoader(StepTokenLoader):
     The state is the wrapped loader's plus the position in the epoch. Batches read ahead but not yet
     handed out are taken back out of a `{"batches": n}` count (`ResumableDataLoader`'s), which only
     matters for a checkpoint saved inside an accumulation group: at a step boundary none are pending.
+
+    A position saved on the epoch's last batch (`limit_train_batches` counted) is where Lightning
+    ends that epoch and starts the next: the wrapped `{"epoch": e, "batches": n}` state is loaded
+    as `{"epoch": e + 1, "batches": 0}`, so the next epoch is read whole, with its own order.
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,8 +185,15 @@ class ResumableStepTokenLoader(StepTokenLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if isinstance(state, dict) and set(state) == {"loader", "position"}:
-            self.loader.load_state_dict(state["loader"])
-            self._start = int(state["position"])
+            loader_state, position = state["loader"], int(state["position"])
         else:  # a checkpoint written before this wrapper: the loader's own state
-            self.loader.load_state_dict(state)
-            self._start = int(state.get("batches", 0)) if isinstance(state, dict) else 0
+            loader_state = state
+            position = int(state.get("batches", 0)) if isinstance(state, dict) else 0
+        epoch = loader_state.get("epoch") if isinstance(loader_state, dict) else None
+        if isinstance(epoch, int) and 0 < self._total() <= position:
+            # Saved on the epoch's last batch: Lightning counts the epoch as done and goes on with
+            # the next one, from its first batch (not from the saved position, nor in the saved order).
+            epoch, position = epoch + 1, 0
+            loader_state = {**loader_state, "epoch": epoch, "batches": 0}
+        self.loader.load_state_dict(loader_state)
+        self._start, self._start_epoch = position, epoch if isinstance(epoch, int) else None
