@@ -491,7 +491,7 @@ MC_ANSWER_SETS: dict[str, tuple[str, ...]] = {
 # The mix of question types in the multiple-choice training split (the held-out set is uniform).
 # Colour and shape get more: with one image token per grid cell (the `tiny` tower), count and position
 # are learned first and from fewer samples, and colour or shape was the type a run had not learned
-# at the end (README, the `make demo` status).
+# at the end (docs/experiments.md).
 MC_TRAIN_TYPE_WEIGHTS: dict[str, float] = {"colour": 0.35, "shape": 0.35, "count": 0.15, "position": 0.15}
 
 
@@ -567,7 +567,7 @@ def write_eval(
       so a letter always names the same answer, as with yes/no or ascending-count options in real
       benchmarks. It measures seeing through the letter interface without option matching, a
       skill a pretrained LLM brings and a tiny LLM trained from scratch for minutes does not
-      acquire (README, the `make demo` status).
+      acquire (docs/experiments.md).
 
     ``type_weights`` (question type -> weight) skews the mix of question types (see
     `MC_TRAIN_TYPE_WEIGHTS`); None draws them uniformly, as the held-out set does.

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo", help="run folder (logs, checkpoints, results)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1-epochs", type=int, default=1)
-    parser.add_argument("--stage2-epochs", type=int, default=2)
+    parser.add_argument("--stage2-epochs", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()

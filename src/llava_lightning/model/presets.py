@@ -14,8 +14,7 @@ from .specs import LanguageSpec, LlavaSpec, VisionSpec
 
 # 96 px images in 32 px patches: 3 x 3 = 9 image tokens, one per cell of the synthetic shapes' grid
 # (rendered at 96 px, so not resized). The demo learns more, and faster, with these than with 64
-# tokens of 8 px patches over a resized image, where a shape spans several patches (README, the
-# `make demo` status).
+# tokens of 8 px patches over a resized image, where a shape spans several patches (docs/experiments.md).
 TINY_CLIP = {
     "model_type": "clip_vision_model",
     "hidden_size": 128,
