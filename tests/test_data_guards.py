@@ -42,6 +42,13 @@ def test_each_stage_checks_the_sources_it_reads(shapes_dir, tmp_path, stage, gro
     dm.check_files("validate" if group != "val" else "test")  # a stage that does not read it passes
 
 
+def test_predict_needs_no_image_root_but_training_does(shapes_dir):
+    prompts = SourceConfig(kind="instruct", path=str(shapes_dir / "eval/scienceqa_style.json"))
+    LlavaDataModule(train=[], predict=prompts).check_files("predict")  # images beside the JSON
+    with pytest.raises(FileNotFoundError, match="needs image_root"):
+        LlavaDataModule(train=[prompts]).check_files("fit")
+
+
 def _skippy_json(shapes_dir, tmp_path, bad_share):
     """An instruction JSON of 16 records of which `bad_share` name a missing image."""
     records = json.loads((shapes_dir / "instruct/llava_instruct.json").read_text())[:16]

@@ -233,7 +233,7 @@ class LlavaDataModule(L.LightningDataModule):
         problems = []
         for what, group in groups.items():
             for source in group:
-                if source.kind == "instruct" and source.image_root is None:
+                if source.kind == "instruct" and source.image_root is None and what != "predict":
                     problems.append(
                         f"data.{what} source {source.path} needs image_root (the folder its images are in)"
                     )
@@ -249,7 +249,7 @@ class LlavaDataModule(L.LightningDataModule):
                 "says how to prepare each dataset"
             )
             raise FileNotFoundError(
-                "data files do not exist:\n  "
+                "data sources cannot be read:\n  "
                 + "\n  ".join(problems)
                 + f"\n(working directory {os.getcwd()}). "
                 + hint

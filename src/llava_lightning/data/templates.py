@@ -386,8 +386,3 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; choose from {', '.join(TEMPLATES)}")
     return TEMPLATES[name]()
-
-
-def count_images(conversations: list[dict[str, Any]]) -> int:
-    """Number of `<image>` placeholders in a conversation."""
-    return sum(str(t.get("value", "")).count(IMAGE) for t in conversations)
