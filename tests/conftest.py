@@ -21,6 +21,27 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _tiny_tokenizer(family: str):
+    from llava_lightning.model.language_model import add_image_token
+    from llava_lightning.model.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(family)
+    add_image_token(tok)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The offline Llama-style (SentencePiece-like) tiny tokenizer with LLaVA's `<image>` token."""
+    return _tiny_tokenizer("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml():
+    """The offline ChatML (byte-level BPE) tiny tokenizer with LLaVA's `<image>` token."""
+    return _tiny_tokenizer("chatml")
+
+
 @pytest.fixture(scope="session")
 def llama2_tokenizer_dir():
     """The real Llama-2/Vicuna tokenizer (../shared/fixtures), or a skip where a clone lacks it."""

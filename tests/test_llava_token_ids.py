@@ -30,7 +30,6 @@ import torch
 
 from llava_lightning.data.templates import get_template
 from llava_lightning.model.language_model import add_image_token
-from llava_lightning.model.tiny_tokenizer import build_tiny_tokenizer
 
 N_IMG = 3  # image ids per <image> in our encoding
 
@@ -89,20 +88,6 @@ def llava_tokenizer(llama2_tokenizer_dir):
     )
     assert tok.legacy is False
     tok.pad_token = tok.unk_token
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    tok = build_tiny_tokenizer("llama")
-    add_image_token(tok)
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_chatml():
-    tok = build_tiny_tokenizer("chatml")
-    add_image_token(tok)
     return tok
 
 

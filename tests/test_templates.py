@@ -9,7 +9,6 @@ from llava_lightning.data.templates import (
     get_template,
 )
 from llava_lightning.model.language_model import add_image_token
-from llava_lightning.model.tiny_tokenizer import build_tiny_tokenizer
 
 CONV = [
     {"from": "human", "value": "What is this?\n<image>"},
@@ -32,17 +31,8 @@ def llama2(llama2_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def chatml():
-    tok = build_tiny_tokenizer("chatml")
-    add_image_token(tok)
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    tok = build_tiny_tokenizer("llama")
-    add_image_token(tok)
-    return tok
+def chatml(tiny_chatml):
+    return tiny_chatml
 
 
 def test_vicuna_v1_renders_the_facts_format_character_for_character():
