@@ -50,6 +50,19 @@ def llama2_tokenizer_dir():
     return LLAMA2_TOKENIZER
 
 
+class Numbers(torch.utils.data.Dataset):
+    """`n` items `start, start + 1, ...`: a dataset whose items show which indices a loader read."""
+
+    def __init__(self, start: int, n: int):
+        self.start, self.n = start, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return self.start + i
+
+
 def image_batch(model, n_images: int) -> torch.Tensor:
     """Random pixel values of the right size for `model`'s vision tower."""
     size = model.vision_tower.image_size

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import Numbers
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -356,24 +357,13 @@ def test_trainer_run_logs_seen_and_skipped_per_epoch(model, instruct, tmp_path):
         assert row["data/skipped/missing_image"] == 1 and row["data/skipped/bad_turn_order"] == 1
 
 
-class _Numbers(torch.utils.data.Dataset):
-    def __init__(self, start, n):
-        self.start, self.n = start, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.start + i
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mixture_loader_resumes_after_the_consumed_batches(workers):
     from llava_lightning.data.mixture import WeightedMixture
     from llava_lightning.data.sampler import ResumableDataLoader
 
     def loader():
-        mix = WeightedMixture([_Numbers(0, 50), _Numbers(1000, 30)], [2.0, 1.0], epoch_length=40, seed=3)
+        mix = WeightedMixture([Numbers(0, 50), Numbers(1000, 30)], [2.0, 1.0], epoch_length=40, seed=3)
         return ResumableDataLoader(mix, batch_size=4, num_workers=workers)
 
     full = [b.tolist() for b in loader()]

@@ -13,9 +13,8 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, Numbers
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import Dataset
 
 from llava_lightning.data import LlavaDataModule, SourceConfig
 from llava_lightning.data.mixture import WeightedMixture
@@ -29,23 +28,12 @@ CONF = REPO / "conf"
 # -- the loaders alone -----------------------------------------------------------------------------
 
 
-class _Numbers(Dataset):
-    def __init__(self, start, n):
-        self.start, self.n = start, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.start + i
-
-
 def _sampler_loader(workers=0):
-    return ResumableDataLoader(_Numbers(0, 22), EpochSampler(22, seed=4), batch_size=4, num_workers=workers)
+    return ResumableDataLoader(Numbers(0, 22), EpochSampler(22, seed=4), batch_size=4, num_workers=workers)
 
 
 def _mixture_loader(workers=0):
-    mix = WeightedMixture([_Numbers(0, 50), _Numbers(1000, 30)], [2.0, 1.0], epoch_length=22, seed=3)
+    mix = WeightedMixture([Numbers(0, 50), Numbers(1000, 30)], [2.0, 1.0], epoch_length=22, seed=3)
     return ResumableDataLoader(mix, batch_size=4, num_workers=workers)
 
 
