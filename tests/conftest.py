@@ -107,7 +107,5 @@ def trainer_for_strategy_yaml(name: str):
         "--trainer.logger=false",
         "--trainer.callbacks=[]",
     ]
-    cli = LlavaCLI(
-        LlavaLitModule, LlavaDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False
-    )
+    cli = LlavaCLI(LlavaLitModule, LlavaDataModule, args=args, run=False)
     return cli.trainer

@@ -192,7 +192,7 @@ def test_zero_on_two_cpu_processes_with_accumulation_steps_with_the_one_large_ba
 @needs_compiler
 def test_export_consolidates_a_zero3_checkpoint_folder(shapes_dir, tmp_path):
     """`export`'s consolidation turns the per-rank ZeRO-3 shards back into the full trained weights."""
-    from llava_lightning.cli import consolidated
+    from llava_lightning.training.consolidate import consolidated
 
     _cpu_step(tmp_path, "zero3", 2, 1, 1, shapes_dir)
     folder = tmp_path / "zero3.pt.ckpt"

@@ -1,9 +1,11 @@
 """Command line: `python -m llava_lightning {fit,validate,test,predict,export}`.
 
-`fit/validate/test/predict` are LightningCLI with `parser_mode="omegaconf"` (several `-c` files
-overlay left to right; `${...}` interpolation works; every hyperparameter is a flag). The model's
-tokenizer and image settings flow into the data module by argument links applied when the model is
-instantiated, so no YAML repeats them. `export --ckpt_path CKPT --out DIR` writes a llava-hf folder (from a
+`fit/validate/test/predict` are LightningCLI with `parser_mode="omegaconf+"` (several `-c` files
+overlay left to right; a file may start from another with `_base_:` (config_base.py); `${...}` is
+resolved after all files are merged, so it may point into another file; every hyperparameter is a
+flag). The data module takes the model's stage, template and image aspect by links applied at parse
+time, and its tokenizer and image settings by links applied when the model is instantiated, so no
+YAML repeats them. `export --ckpt_path CKPT --out DIR` writes a llava-hf folder (from a
 .ckpt file or a sharded checkpoint folder, consolidated on the fly).
 
 A checkpoint is untrusted input; `--ckpt_path` (a .ckpt file, or the `meta.pt` of a sharded FSDP2 / FSDP
@@ -35,19 +37,16 @@ compared for them (their model is still built with the command line's `trust_rem
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 
+from . import config_base
 from .data.datamodule import ImageSettings, LlavaDataModule
 from .module import LlavaLitModule
-from .training.checkpoint_file import callers_trust_remote_code, read_checkpoint
+from .training.checkpoint_file import callers_trust_remote_code
+from .training.consolidate import consolidated
 from .training.resume_check import (
     check_resume,
     evaluation_model_settings,
@@ -60,11 +59,36 @@ from .training.resume_check import (
 log = logging.getLogger(__name__)
 
 
+# Written once, on the model, and linked into the data module: the stage picks the data, and the
+# template and image handling are the training data's as well as generation's.
+DATA_FROM_MODEL = ("stage", "template", "image_aspect")
+
+
+def refuse_linked_data_keys(value: object) -> None:
+    """A config file that sets `data.template` (or another linked key) would be overridden without a
+    word by the link: refuse it with the key to set instead."""
+    data = value.get("data") if isinstance(value, dict) else None
+    given = [k for k in DATA_FROM_MODEL if isinstance(data, dict) and k in data]
+    if given:
+        raise ValueError(
+            "config sets "
+            + ", ".join(f"data.{k}" for k in given)
+            + ": these come from the model; set "
+            + ", ".join(f"model.{k}" for k in given)
+            + " instead (the CLI links them into the data module)"
+        )
+
+
 class LlavaCLI(LightningCLI):
     """LightningCLI for LLaVA: model -> data links for tokenizer and image settings; `--ckpt_path` as the
     module docstring says (remote code from the command line only, clear errors, checked resumes)."""
 
     _ckpt_trust: tuple[bool, str] | None = None  # (the command line's trust_remote_code, the checkpoint)
+
+    def __init__(self, *args, parser_kwargs: dict | None = None, **kwargs) -> None:
+        parser_kwargs = dict(parser_kwargs or {})
+        parser_kwargs.setdefault("parser_mode", config_base.register(check=refuse_linked_data_keys))
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which parses the checkpoint's hyperparameters over the command line
@@ -113,7 +137,8 @@ class LlavaCLI(LightningCLI):
             super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.stage", "data.stage", apply_on="parse")
+        for key in DATA_FROM_MODEL:
+            parser.link_arguments(f"model.{key}", f"data.{key}", apply_on="parse")
         parser.link_arguments(
             "model", "data.tokenizer", compute_fn=lambda lit: lit.model.tokenizer, apply_on="instantiate"
         )
@@ -123,49 +148,6 @@ class LlavaCLI(LightningCLI):
             compute_fn=lambda lit: ImageSettings.from_tower(lit.model.vision_tower),
             apply_on="instantiate",
         )
-
-
-@contextlib.contextmanager
-def consolidated(ckpt_path: str | Path) -> Iterator[str]:
-    """A single-file checkpoint for `ckpt_path`: the file itself, or, for the folder of a sharded
-    checkpoint, its shards gathered into one full state dict in a temporary file (needs CPU memory for
-    the whole model; optimizer states are left out)."""
-    path = Path(ckpt_path)
-    if not path.is_dir():
-        yield str(path)
-        return
-    if (path / "latest").is_file() or (path / "checkpoint").is_dir():  # DeepSpeed
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / f"{path.name}.consolidated.ckpt"
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-            yield str(out)
-        return
-    if not (path / ".metadata").is_file():
-        raise ValueError(
-            f"{path} is a folder but not a sharded checkpoint (no torch.distributed.checkpoint `.metadata`, "
-            "no DeepSpeed `latest`); pass a .ckpt file or the checkpoint folder a sharded run wrote"
-        )
-    # Lightning keeps everything but the weights in `meta.pt` beside the shards (read first: a corrupt one
-    # is named before any shard is read).
-    checkpoint = read_checkpoint(path / "meta.pt", mmap=False)
-    # The model weights only (no optimizer state), rebuilt from the shards' metadata in one process as
-    # torch's `dcp_to_torch_save` does (with the same private helpers: the public `load` only fills
-    # keys already present).
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    weights: dict = {}
-    # The weights' key: "state_dict" (ModelParallelStrategy / FSDP2), "model" (FSDPStrategy / FSDP1).
-    planner = _EmptyStateDictLoadPlanner(keys={"state_dict", "model"})
-    _load_state_dict(weights, storage_reader=FileSystemReader(path), planner=planner, no_dist=True)
-    checkpoint["state_dict"] = weights.get("state_dict", weights.get("model"))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / f"{path.name}.consolidated.ckpt"
-        torch.save(checkpoint, out)
-        yield str(out)
 
 
 def export(argv: list[str]) -> None:
@@ -212,7 +194,6 @@ def main(argv: list[str] | None = None) -> LlavaCLI | None:
     return LlavaCLI(
         LlavaLitModule,
         LlavaDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=argv,
     )

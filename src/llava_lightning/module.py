@@ -137,8 +137,10 @@ class LlavaLitModule(L.LightningModule):
             init_projector: Projector weights to start from (our .safetensors artifact or LLaVA's mm_projector.bin).
             projector_artifact: At the end of `align`, write `<name>.safetensors` + `<name>.json` into the
                 run's log directory (None: do not).
-            template: Conversation template for generation / predict (training data has its own).
-            image_aspect: Image aspect handling for generation / predict.
+            template: Conversation template of the training data (linked into the data module by the CLI)
+                and of generation / predict.
+            image_aspect: Image aspect handling (`square` or `pad`) of the training data (linked like
+                `template`) and of generation / predict.
             max_new_tokens: Generation length for predict.
             sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
                 it is sharded (FSDP2, FSDP, DeepSpeed ZeRO-3), so no rank but 0 holds the full model;

@@ -121,7 +121,7 @@ class LlavaDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 4,
         max_length: int = 2048,
-        image_aspect: Literal["square", "pad"] = "square",
+        image_aspect: Literal["square", "pad"] = "pad",
         shuffle_buffer: int = 1000,
         mixture_epoch_length: int | None = None,
         seed: int = 0,
@@ -142,11 +142,13 @@ class LlavaDataModule(L.LightningDataModule):
             predict: Prompts for `predict`: a LLaVA JSON (kind instruct); each record's first human turn and
                 its images are answered (write the replies with `llava_lightning.PredictionWriter`).
             test: Sources for `test` (loss, perplexity, next-token accuracy), read in order like `val`.
-            template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto).
+            template: Conversation template (plain, vicuna_v1, llava_v1, llama_2, chatml, llama3, auto); the
+                CLI links it from `model.template`.
             batch_size: Samples per device per step (skipped samples make a batch smaller).
             num_workers: DataLoader worker processes per device.
             max_length: Token limit per sample; a sample whose image span or every reply is cut is skipped.
-            image_aspect: `square` (CLIP resize + center crop) or `pad` (expand to square with the mean colour).
+            image_aspect: `square` (CLIP resize + center crop) or `pad` (expand to square with the mean colour);
+                the CLI links it from `model.image_aspect`.
             shuffle_buffer: Samples held for shuffling streamed caption shards.
             mixture_epoch_length: Samples per rank per epoch when several training sources are mixed.
             seed: Seed for shard order, shuffling and mixing.

@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 # `fit --ckpt_path`: keys whose command-line value is applied when it differs from the checkpoint's (a key
 # and everything under it), with why that keeps the resumed run exact. Every other difference is refused.
 APPLIED_ON_RESUME: dict[str, str] = {
-    "model.template": "used by generation / predict only (training data has data.template)",
-    "model.image_aspect": "used by generation / predict only (training data has data.image_aspect)",
     "model.max_new_tokens": "used by generation / predict only",
     "model.projector_artifact": "names the file written at the end of align",
     "model.init_projector": "starting projector weights, which the checkpoint's replace",
@@ -43,7 +41,7 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "data.predict": "`predict` prompts, not training data",
 }
 # Filled from the model by the CLI's links, not user settings.
-LINKED = ("data.tokenizer", "data.image_settings", "data.stage")
+LINKED = ("data.tokenizer", "data.image_settings", "data.stage", "data.template", "data.image_aspect")
 _ABSENT = type("_Absent", (), {"__repr__": lambda self: "absent"})()
 
 
