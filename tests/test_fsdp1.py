@@ -87,3 +87,27 @@ def test_sharded_init_keeps_weights_on_rank_0_only_and_fsdp_copies_them_to_the_o
     kwargs["param_init_fn"](rotary)
     assert not per_rank[1].model.multi_modal_projector.linear_1.weight.is_meta
     assert not rotary.inv_freq.is_meta
+
+
+def test_the_strategy_reads_the_module_only_through_scaling_hooks(monkeypatch):
+    import lightning as L
+    import torch
+
+    from llava_lightning.training.scaling_hooks import ScalingHooks
+
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)
+
+    class Plain(L.LightningModule):  # any LightningModule that declares its blocks
+        def scaling_hooks(self):
+            return ScalingHooks({"mlp": torch.nn.Linear}, lambda: None, rank0_holds_weights=True)
+
+    strategy = LlavaFSDPStrategy(parallel_devices=[torch.device("cpu")])
+    strategy._lightning_module = Plain()
+    strategy._setup_model(strategy._lightning_module)
+    assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == {torch.nn.Linear}
+    assert strategy.kwargs["sync_module_states"] is True  # rank 0's weights fill the others
+
+    strategy = LlavaFSDPStrategy()
+    strategy._lightning_module = L.LightningModule()
+    with pytest.raises(TypeError, match="no scaling_hooks"):
+        strategy._setup_model(strategy._lightning_module)

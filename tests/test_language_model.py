@@ -65,7 +65,7 @@ def test_llama2_tokenizer_gets_llava_hf_ids(llama2_tokenizer_dir):
         },
     )
     model, tokenizer, image_id = build_language_model(spec)
-    # llava-hf: <image> = 32000, <pad> = 32001, vocabulary padded to 32064 (facts §1)
+    # llava-hf: <image> = 32000, <pad> = 32001, vocabulary padded to 32064 (llava-hf/llava-1.5-7b-hf)
     assert image_id == 32000
     assert tokenizer.convert_tokens_to_ids("<pad>") == 32001
     assert model.get_input_embeddings().weight.shape[0] == 32064

@@ -1,4 +1,4 @@
-"""Presets: the LLaVA-1.5 recipes say what the facts file says; every tiny preset builds offline."""
+"""Presets: the LLaVA-1.5 recipes match LLaVA's scripts/v1_5; every tiny preset builds offline."""
 
 import pytest
 

@@ -10,7 +10,7 @@ from llava_lightning.model.projector import build_projector
 def test_mlp2x_gelu_matches_transformers_layout_and_llava_count():
     proj = build_projector("mlp2x_gelu", 1024, 4096)
     assert set(proj.state_dict()) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
-    # facts §1: 20,979,712 parameters at d = 4096 (7B)
+    # LLaVA-1.5-7B's projector: 20,979,712 parameters at d = 4096
     assert sum(p.numel() for p in proj.parameters()) == 20_979_712
 
 

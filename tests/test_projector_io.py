@@ -45,3 +45,23 @@ def test_projector_depth_mismatch_says_what_to_set(tiny, tmp_path):
         tiny.init_projector_from(tmp_path / "mm_projector.bin")
     with pytest.raises(FileNotFoundError):
         tiny.init_projector_from(tmp_path / "missing.bin")
+
+
+def test_our_artifact_writes_its_json_and_the_json_is_checked_on_load(tiny, tmp_path):
+    import json
+
+    from llava_lightning.model.projector_io import save_projector_artifact
+
+    state = {k: torch.randn_like(v) for k, v in tiny.multi_modal_projector.state_dict().items()}
+    path = save_projector_artifact(tmp_path / "p.safetensors", state, tiny.projector_type, global_step=7)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta == {"projector": "mlp2x_gelu", "global_step": 7}
+    tiny.init_projector_from(path)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.multi_modal_projector.state_dict().items())
+    # A JSON naming another projector type: refused before the weights are read, with what to set.
+    path.with_suffix(".json").write_text(json.dumps({"projector": "mlp3x_gelu"}))
+    with pytest.raises(ValueError, match="'mlp3x_gelu' projector.*set `projector`"):
+        tiny.init_projector_from(path)
+    path.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ValueError, match="p.json: not the JSON"):
+        tiny.init_projector_from(path)

@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from llava_lightning.data import LlavaDataModule, SourceConfig
 from llava_lightning.data.mixture import WeightedMixture
 from llava_lightning.data.sampler import EpochSampler, ResumableDataLoader
+from llava_lightning.data.step_tokens import StepTokenLoader
 from llava_lightning.module import LlavaLitModule, OptimConfig
-from llava_lightning.training.step_tokens import StepTokenLoader
 
 CONF = REPO / "conf"
 

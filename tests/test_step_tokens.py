@@ -7,17 +7,17 @@ import pytest
 import torch
 from lightning.fabric.utilities.types import _Stateful
 
-from llava_lightning.model.llava import _shifted_ce
-from llava_lightning.training.step_tokens import (
+from llava_lightning.batch import count_supervised
+from llava_lightning.data.step_tokens import (
     STEP_FIRST,
     STEP_TOKENS,
     ResumableStepTokenLoader,
     StepTokenLoader,
-    count_supervised,
     epoch_batches,
     step_groups,
-    token_mean_scale,
 )
+from llava_lightning.model.llava import _shifted_ce
+from llava_lightning.training.token_mean import token_mean_scale
 
 
 def _batches(n: int, seed: int = 0) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Templates: exact strings from the facts file, and labels that decode to exactly the assistant replies."""
+"""Templates: exact strings from LLaVA's conversation.py, and labels that decode to exactly the assistant replies."""
 
 import pytest
 
@@ -35,7 +35,7 @@ def chatml(tiny_chatml):
     return tiny_chatml
 
 
-def test_vicuna_v1_renders_the_facts_format_character_for_character():
+def test_vicuna_v1_renders_llavas_format_character_for_character():
     conv = CONV[:4]
     text = get_template("vicuna_v1").render(conv)
     expected = (

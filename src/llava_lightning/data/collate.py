@@ -1,4 +1,4 @@
-"""Batching: right padding, attention masks, stacked pixel values, images per sample, skip counts."""
+"""Batching: right padding, attention masks, stacked pixel values, skip counts (a `batch.LlavaBatch`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from ..batch import IGNORE_INDEX, LlavaBatch
 from .sample import SKIP
-from .templates import IGNORE_INDEX
 
 
 class LlavaCollator:
@@ -18,7 +18,7 @@ class LlavaCollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]]) -> LlavaBatch:
         skipped = Counter(s[SKIP] for s in samples if SKIP in s)
         kept = [s for s in samples if SKIP not in s]
         length = max((len(s["input_ids"]) for s in kept), default=0)
@@ -33,11 +33,10 @@ class LlavaCollator:
             labels[i, :n] = s["labels"]
             mask[i, :n] = 1
         pixels = [s["pixel_values"] for s in kept if len(s["pixel_values"])]
-        return {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
-            "pixel_values": torch.cat(pixels) if pixels else None,
-            "num_images": torch.tensor([len(s["pixel_values"]) for s in kept], dtype=torch.long),
-            "skipped": dict(skipped),
-        }
+        return LlavaBatch(
+            input_ids=ids,
+            labels=labels,
+            attention_mask=mask,
+            pixel_values=torch.cat(pixels) if pixels else None,
+            skipped=dict(skipped),
+        )

@@ -29,6 +29,7 @@ from .mixture import WeightedMixture
 from .prompts import PromptDataset, collate_prompts
 from .sample import PADDING, SampleEncoder
 from .sampler import EpochSampler, ResumableDataLoader
+from .step_tokens import StepTokenLoader
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +312,7 @@ class LlavaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> Any:
         # Batches come grouped by optimizer step and annotated with the step's token count, so the
-        # module can scale each micro-batch loss before backward (training/step_tokens.py).
-        from ..training.step_tokens import StepTokenLoader
+        # module can scale each micro-batch loss before backward (step_tokens.py).
 
         loader, trainer = self._loader(self.train_sources, "train"), self.trainer
         if trainer is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..batch import PromptBatch
 from .image import decode_image
 from .image_paths import ImageRoot, record_image_paths
 
@@ -61,6 +62,10 @@ class PromptDataset(Dataset):
         return {"id": record.get("id", index), "prompt": prompt, "images": images}
 
 
-def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def collate_prompts(items: list[dict[str, Any]]) -> PromptBatch:
     """Lists, not tensors: generation tokenizes and pads (left) itself."""
-    return {key: [item[key] for item in items] for key in ("id", "prompt", "images")}
+    return PromptBatch(
+        id=[item["id"] for item in items],
+        prompt=[item["prompt"] for item in items],
+        images=[item["images"] for item in items],
+    )

@@ -5,7 +5,8 @@ an ordered list of text segments, each either supervised (an assistant reply and
 marker) or not (system prompt, roles, questions, images). `encode` tokenizes segment by segment and
 gives every token of a segment that segment's label, so labels cannot drift from the ids: there is
 no re-tokenization of substrings and no length arithmetic (the cause of LLaVA's "tokenization
-mismatch"). Exact strings follow `shared/reference/llava-facts.md` §3.
+mismatch"). Exact strings follow LLaVA's `llava/conversation.py` (`conv_vicuna_v1`,
+`conv_llava_plain`, ...).
 
 Token ids. A segment is tokenized either as the start of a text (`tokenizer(text,
 add_special_tokens=False)`: a SentencePiece tokenizer puts its `▁` dummy prefix on the first word) or
@@ -33,8 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..batch import IGNORE_INDEX
+
 IMAGE = "<image>"
-IGNORE_INDEX = -100
 # Placeholders resolved against the tokenizer at encode time (rendered as Llama's strings otherwise).
 EOS, BOS = "\x00eos\x00", "\x00bos\x00"
 _DEFAULT_SPECIALS = {EOS: "</s>", BOS: "<s>"}

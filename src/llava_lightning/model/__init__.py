@@ -1,12 +1,11 @@
 """The model: vision towers, projectors, the language model, `LlavaModel` and its presets."""
 
-from .llava import IGNORE_INDEX, LlavaModel, LlavaOutput
+from .llava import LlavaModel, LlavaOutput
 from .presets import PRESETS, get_preset
 from .specs import LanguageSpec, LlavaSpec, VisionSpec
 from .vision_tower import VisionTower, build_vision_tower
 
 __all__ = [
-    "IGNORE_INDEX",
     "PRESETS",
     "LanguageSpec",
     "LlavaModel",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..batch import supervised_mask
 from .language_model import build_language_model, decoder_block_class
 from .projector import build_projector
 from .shapes import full_shape
@@ -26,8 +27,6 @@ from .specs import LlavaSpec
 from .vision_tower import VisionTower, build_vision_tower
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -270,7 +269,7 @@ def _cache_of(out) -> Any:
 def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
     """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`."""
     targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
+    mask = supervised_mask(labels)
     picked = states[:, :-1][mask]
     if head is not None:
         picked = head(picked)

@@ -55,7 +55,7 @@ TINY_QWEN2 = {
 }
 
 PRESETS: dict[str, LlavaSpec] = {
-    # LLaVA-1.5 (facts §1, §5): CLIP ViT-L/14-336, layer -2, CLS dropped, mlp2x_gelu, Vicuna v1.5.
+    # LLaVA-1.5 (LLaVA's scripts/v1_5): CLIP ViT-L/14-336, layer -2, CLS dropped, mlp2x_gelu, Vicuna v1.5.
     "llava-1.5-7b": LlavaSpec(
         vision=VisionSpec(
             name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"

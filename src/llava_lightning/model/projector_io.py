@@ -1,4 +1,8 @@
-"""Reading projector weights from files: our stage-1 artifact and the original LLaVA's `mm_projector.bin`.
+"""Projector files: our stage-1 artifact (written and read here) and the original LLaVA's `mm_projector.bin`.
+
+Our artifact is `<name>.safetensors` (the projector's state dict) with `<name>.json` beside it (the
+projector type, the vision and language specs it was trained with, the step). On load the JSON, when
+present, must name the model's projector type.
 
 LLaVA stores its projector as an `nn.Sequential` under `model.mm_projector`: Linear layers sit at
 even indices (`0`, `2`, ...) with GELU between, or a bare Linear (`model.mm_projector.weight`) for
@@ -7,12 +11,17 @@ the v1 `linear` projector. Ours are `linear_1`, `linear_2`, ... as in transforme
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .projector import projector_depth
+
+log = logging.getLogger(__name__)
 
 _LLAVA_KEY = re.compile(r"^(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$")
 
@@ -31,6 +40,40 @@ def convert_llava_projector_keys(state: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def save_projector_artifact(
+    path: str | Path, state: dict[str, torch.Tensor], projector_type: str, **meta: Any
+) -> Path:
+    """Write `state` as `path` (safetensors) and `path.with_suffix(".json")`: `{"projector": type, **meta}`
+    (the training run adds `vision`, `language` and `global_step`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    path.with_suffix(".json").write_text(
+        json.dumps({"projector": projector_type, **meta}, indent=2, default=str)
+    )
+    log.info("projector artifact written to %s", path)
+    return path
+
+
+def _check_artifact_json(path: Path, projector_type: str) -> None:
+    """The `.json` beside our artifact, when present, must describe a projector of `projector_type`."""
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not the JSON our projector artifact writes ({err})") from err
+    written = meta.get("projector") if isinstance(meta, dict) else None
+    if written is not None and written != projector_type:
+        raise ValueError(
+            f"{path} holds a {written!r} projector ({meta_path}), but this model's projector is "
+            f"{projector_type!r}: set `projector` to match the file"
+        )
+
+
 def load_projector_state(path: Path, projector_type: str) -> dict[str, torch.Tensor]:
     """Projector state dict in our key names from `.safetensors` (ours) or `.bin`/`.pt` (LLaVA)."""
     if not path.exists():
@@ -38,6 +81,7 @@ def load_projector_state(path: Path, projector_type: str) -> dict[str, torch.Ten
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        _check_artifact_json(path, projector_type)
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)

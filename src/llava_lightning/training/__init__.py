@@ -1,2 +1,3 @@
-"""Training helpers: parameter tables and groups, the learning-rate schedule, the step-token look-ahead
-(exact token-mean loss), and the FSDP1 / FSDP2 / DeepSpeed strategies."""
+"""What is specific to training loops and strategies: stages (freezing), the token-mean loss, the
+optimizer and schedule, the FSDP1 / FSDP2 / DeepSpeed strategies and everything that differs by
+strategy, sharded init, checkpoint reading, consolidation and resume checks."""

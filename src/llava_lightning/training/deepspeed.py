@@ -2,7 +2,7 @@
 
 `LlavaDeepSpeedStrategy` is `DeepSpeedStrategy` (ZeRO stage 2 / 3, CPU offload of optimizer state
 and parameters, bf16 from `trainer.precision`; CUDA only) with three changes that make the loss of
-an optimizer step the exact mean over its supervised tokens (training/step_tokens.py):
+an optimizer step the exact mean over its supervised tokens (training/token_mean.py):
 
 - Lightning, not DeepSpeed's micro-step counter, decides where an accumulation group ends
   (`handles_gradient_accumulation` is False, and every micro-batch tells the engine whether it closes
@@ -16,8 +16,8 @@ an optimizer step the exact mean over its supervised tokens (training/step_token
   `DeepSpeedCPUAdam` (AdamW mode, same parameter groups) from `make_optimizer`.
 
 Activation checkpointing: `checkpoint_blocks` turns on the model's own checkpointing of each declared
-block (`LlavaModel.block_classes()`: HF / timm non-reentrant checkpointing of every vision block and
-LLM decoder layer, which ZeRO-3 supports), the same switch as `--model.gradient_checkpointing true`.
+block (through the module's `scaling_hooks()`: HF / timm non-reentrant checkpointing of every vision
+block and LLM decoder layer, which ZeRO-3 supports), the same switch as `--model.gradient_checkpointing true`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from .scaling_hooks import scaling_hooks
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,7 @@ class LlavaDeepSpeedStrategy(DeepSpeedStrategy):
 
     def setup(self, trainer: Any) -> None:
         if self.checkpoint_blocks:
-            module = self.lightning_module
-            enable = getattr(module, "enable_block_checkpointing", None)
-            if enable is None:
-                raise TypeError(
-                    f"checkpoint_blocks needs a module with enable_block_checkpointing(): {type(module)}"
-                )
-            enable()
+            scaling_hooks(self.lightning_module).enable_block_checkpointing()
         super().setup(trainer)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

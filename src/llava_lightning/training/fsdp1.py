@@ -2,7 +2,7 @@
 
 `LlavaFSDPStrategy` fills in what a user of `FSDPStrategy` would otherwise write by hand for each
 model family: the auto-wrap policy (one FSDP unit per vision block and per LLM decoder layer, the
-classes `LlavaModel.block_classes()` declares) and, when asked, activation checkpointing of the same
+classes the module declares in `scaling_hooks()`) and, when asked, activation checkpointing of the same
 blocks. Everything else is `FSDPStrategy` (sharding strategy FULL_SHARD / SHARD_GRAD_OP /
 HYBRID_SHARD, CPU offload, full or sharded checkpoints, mixed precision from `trainer.precision`).
 Lightning's FSDPStrategy runs on CUDA only; on CPU use `FSDP2Strategy` (conf/strategy/fsdp2.yaml).
@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from .scaling_hooks import scaling_hooks
+
 
 class DeclaredBlocksPolicy(ModuleWrapPolicy):
     """A `ModuleWrapPolicy` whose classes are filled in at setup, from the model's declared blocks
@@ -24,8 +26,8 @@ class DeclaredBlocksPolicy(ModuleWrapPolicy):
     def __init__(self) -> None:
         super().__init__(set())
 
-    def fill(self, lightning_module: Any) -> None:
-        classes = set(lightning_module.model.block_classes().values())
+    def fill(self, block_classes: dict[str, type[torch.nn.Module]]) -> None:
+        classes = set(block_classes.values())
         self._module_classes = classes
         self._module_classes_str = str(classes)
 
@@ -54,12 +56,13 @@ class LlavaFSDPStrategy(FSDPStrategy):
         return policy
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        hooks = scaling_hooks(self.lightning_module)
         for policy in self._declared:
-            policy.fill(self.lightning_module)
-        if getattr(self.lightning_module, "sharded_init", False):
-            # Sharded init: only rank 0 holds weights (`LlavaLitModule.setup`); elsewhere the model is a
-            # meta skeleton whose units get storage for their shard only as FSDP wraps them, then rank
-            # 0's parameters and buffers are copied in (the same on every rank, as FSDP requires).
+            policy.fill(hooks.block_classes)
+        if hooks.rank0_holds_weights:
+            # Only rank 0 holds weights; elsewhere the model is a meta skeleton whose units get storage
+            # for their shard only as FSDP wraps them, then rank 0's parameters and buffers are copied
+            # in (the same on every rank, as FSDP requires).
             device = self.root_device
             self.kwargs["sync_module_states"] = True
             self.kwargs["param_init_fn"] = lambda module: module.to_empty(device=device, recurse=False)

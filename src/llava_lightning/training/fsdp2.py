@@ -1,8 +1,8 @@
 """FSDP2 for `LlavaModel`: `fully_shard` on every declared block, then the root, from one strategy.
 
 `FSDP2Strategy` is Lightning's `ModelParallelStrategy` with every device in the data-parallel
-dimension (no tensor parallelism) plus the sharding settings; `LlavaLitModule.configure_model`
-calls `shard_fsdp2` with them. The units are the classes the components declare
+dimension (no tensor parallelism) plus the sharding settings; `configure_model`
+(training/strategies.py) calls `shard_fsdp2` with them. The units are the classes the components declare
 (`LlavaModel.block_classes()`: the vision tower's block and the LLM's decoder layer), so no
 model-specific wrap policy is written anywhere. A frozen vision tower is cast to
 `frozen_vision_dtype` (bf16 by default) before sharding: it never gets gradients or optimizer state.

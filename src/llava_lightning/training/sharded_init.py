@@ -2,7 +2,8 @@
 the full model (in CPU memory) and every other rank only its shard.
 
 `LlavaLitModule(sharded_init=True)` builds the model on the meta device (configs only, no weights) on
-every rank. In `configure_model`, after the skeleton is sharded, `materialize_sharded`:
+every rank. In `configure_model` (training/strategies.py), after the skeleton is sharded,
+`materialize_sharded`:
 1. allocates each rank's shards (`to_empty`; the contents are garbage until step 2),
 2. has rank 0 build the real model on CPU (from_pretrained, or the seeded random init) and broadcasts
    it tensor by tensor; each rank keeps its shard (`set_model_state_dict(full_state_dict=True,

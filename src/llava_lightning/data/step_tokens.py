@@ -10,9 +10,9 @@ rescaling of `p.grad` after backward does not reach them.
 (`accumulate` micro-batches, aligned with Lightning's accumulation boundaries: counted from the
 epoch's first batch, the last group of an epoch shorter, a resumed epoch continuing from its saved
 position). It annotates every batch of the group with the group's local supervised-token count
-(`labels[:, 1:] != -100`, the positions the shifted loss in `model/llava.py` scores) and marks the
-group's first batch. `LlavaLitModule` sums the count over ranks once per step (every rank is at the
-same micro-batch then) and returns `loss_sum * token_mean_scale(...)`.
+(`batch.count_supervised`: the positions the shifted loss scores) and marks the group's first
+batch. The training side sums the count over ranks once per step (every rank is at the same
+micro-batch then) and scales each micro-batch's summed loss by it (`training/token_mean.py`).
 """
 
 from __future__ import annotations
@@ -23,24 +23,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-
-from ..model.llava import IGNORE_INDEX
+from ..batch import count_supervised
 
 STEP_TOKENS = "step_tokens"
-"""Batch key: supervised tokens of this rank's micro-batches in the batch's optimizer step (an int)."""
+"""Batch key (`LlavaBatch.step_tokens`): supervised tokens of this rank's micro-batches in the step."""
 STEP_FIRST = "step_first"
-"""Batch key: True on the first micro-batch of an optimizer step (where the count is summed over ranks)."""
+"""Batch key (`LlavaBatch.step_first`): True on the first micro-batch of an optimizer step."""
 
 IntOrGetter = int | float | Callable[[], int | float]
-
-
-def count_supervised(batch: Any) -> int:
-    """Positions the shifted next-token loss scores: `labels[:, 1:] != -100` (0 without labels)."""
-    labels = batch.get("labels") if isinstance(batch, dict) else None
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
-        return 0
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def epoch_batches(length: int | float | None, limit: int | float = 1.0) -> int | float:
@@ -66,18 +56,6 @@ def step_groups(start: int, accumulate: int, total: int | float) -> Iterator[int
             size = min(size, int(total) - position)
         yield size
         position += size
-
-
-def token_mean_scale(step_tokens: torch.Tensor, accumulate: int, world_size: int) -> torch.Tensor:
-    """Factor for a micro-batch's summed token loss so that the gradient of the optimizer step is the
-    mean over all `step_tokens` (its supervised tokens on every rank and micro-batch).
-
-    Every strategy here divides each micro-batch loss by `accumulate` (Lightning's automatic
-    optimization) and averages gradients over the `world_size` data-parallel ranks (DDP, FSDP,
-    FSDP2; DeepSpeed ZeRO through `LlavaDeepSpeedStrategy`, which turns off DeepSpeed's own
-    division by its accumulation steps); the factor undoes both.
-    """
-    return accumulate * world_size / step_tokens.clamp(min=1).to(torch.float32)
 
 
 def _resolve(value: IntOrGetter) -> int | float:

@@ -1,0 +1,60 @@
+"""The batches that pass between data, module and model: their keys, the label of unsupervised
+positions, and which positions the next-token loss scores.
+
+The data side produces them (`data/collate.py`, `data/step_tokens.py`, `data/prompts.py`); the
+LightningModule and the model read them. Both sides import this file and not each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import torch
+from typing_extensions import NotRequired
+
+IGNORE_INDEX = -100
+"""Label of a position the loss does not score (prompt, image, padding), as in LLaVA and transformers."""
+
+
+class LlavaBatch(TypedDict):
+    """A training / validation batch (right-padded)."""
+
+    input_ids: torch.Tensor
+    """`[B, T]` token ids; each image is a run of image-token ids, one per image feature vector."""
+    attention_mask: torch.Tensor
+    """`[B, T]` 1 on tokens, 0 on padding."""
+    labels: torch.Tensor
+    """`[B, T]` the target ids where the loss scores, `IGNORE_INDEX` elsewhere (not yet shifted)."""
+    pixel_values: torch.Tensor | None
+    """`[N, 3, H, W]` the batch's images in sample order (uint8 or normalised floats), or None."""
+    skipped: NotRequired[dict[str, int]]
+    """Samples the collator dropped, per skip reason."""
+    step_tokens: NotRequired[int]
+    """Supervised positions of this rank's micro-batches in the batch's optimizer step (set by the
+    training loader's look-ahead, `data/step_tokens.py`)."""
+    step_first: NotRequired[bool]
+    """True on the first micro-batch of an optimizer step."""
+
+
+class PromptBatch(TypedDict):
+    """A `predict` batch: one entry per record."""
+
+    id: list[Any]
+    """The records' ids (or their index in the file)."""
+    prompt: list[str]
+    """The first human turn, without `<image>` lines."""
+    images: list[Any]
+    """None or a list of PIL images per record."""
+
+
+def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
+    """`[B, T-1]` positions the shifted next-token loss scores: position t predicts `labels[:, t+1]`."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def count_supervised(batch: Any) -> int:
+    """Positions the loss scores in a batch (0 when it has no `[B, T]` labels)."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
+        return 0
+    return int(supervised_mask(labels).sum())

@@ -1,0 +1,48 @@
+"""The optimizer and learning-rate schedule of a run: AdamW over per-component parameter groups
+(projector, vision tower, LLM, each with its rate; no decay on biases and norms), warmup + cosine
+over the run's optimizer steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..model import LlavaModel
+from .params import param_groups
+from .schedule import warmup_cosine
+from .settings import OptimConfig
+
+
+def configure_optimizers(model: LlavaModel, optim: OptimConfig, trainer: Any, stage: str) -> dict[str, Any]:
+    """`LightningModule.configure_optimizers` for `model` under `trainer`."""
+    o = optim
+    groups = param_groups(
+        {
+            "multi_modal_projector": (model.multi_modal_projector, o.projector_lr or o.lr),
+            "vision_tower": (model.vision_tower, o.vision_lr or o.lr),
+            "language_model": (model.language_model, o.lr),
+        },
+        o.weight_decay,
+    )
+    if not groups:
+        raise ValueError(f"stage {stage!r} leaves nothing to train")
+    # A strategy may need its own optimizer class (DeepSpeed's CPU AdamW when it offloads the optimizer).
+    make = getattr(trainer.strategy, "make_optimizer", None) or torch.optim.AdamW
+    optimizer = make(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    fit_loop = trainer.fit_loop
+    built_before = fit_loop._combined_loader is not None
+    total = trainer.estimated_stepping_batches
+    if total == float("inf"):
+        raise ValueError(
+            "the schedule needs the number of optimizer steps, but the training data has no length "
+            "(streamed caption shards without epoch_length): set trainer.max_steps, or the source's "
+            "resampled: true with epoch_length"
+        )
+    if not built_before:
+        # With max_epochs set, `estimated_stepping_batches` builds the train loader before Lightning
+        # restores a checkpoint's loop state, and never builds it again, so a resumed run would restart
+        # the epoch's data from its first batch: drop the early loader so Lightning builds it after.
+        fit_loop._combined_loader = None
+    scheduler = warmup_cosine(optimizer, max(1, int(total)), o.warmup_ratio, o.min_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
