@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from .inference.generate import generate
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
 from .model.llava import IGNORE_INDEX
 from .training.checkpoint_file import callers_trust_remote_code, read_checkpoint, with_callers_trust
@@ -551,7 +552,8 @@ class LlavaLitModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy replies for a batch of `{"id", "prompt", "images"}` lists (`LlavaDataModule.predict`)."""
-        replies = self.model.generate(
+        replies = generate(
+            self.model,
             batch["images"],
             batch["prompt"],
             template=self.template,
