@@ -14,6 +14,7 @@ from conftest import REPO, trainer_for_strategy_yaml
 from llava_lightning.cli import main
 from llava_lightning.data.image import decode_image
 from llava_lightning.data.prompts import prompt_of
+from llava_lightning.inference.generate import generate
 
 CONF = REPO / "conf"
 YAMLS = sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml"))
@@ -106,7 +107,7 @@ def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     first = records[0]
     image = decode_image(shapes_dir / "eval" / first["image"])
-    assert rows[0]["reply"] == ours.generate([[image]], [prompt_of(first)], max_new_tokens=3)[0]
+    assert rows[0]["reply"] == generate(ours, [[image]], [prompt_of(first)], max_new_tokens=3)[0]
 
 
 def test_sweep_trials_expand_to_valid_cli_flags(capsys):

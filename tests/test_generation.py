@@ -7,11 +7,13 @@ import torch
 from conftest import sample_ids
 from PIL import Image
 
-from llava_lightning import LlavaModel
+import llava_lightning.eval.multiple_choice as multiple_choice
+import llava_lightning.inference.generate as text_generation
+from llava_lightning import LlavaModel, generate
 from llava_lightning.data.templates import get_template
 from llava_lightning.eval import evaluate_multiple_choice, parse_letter
-from llava_lightning.model import generation
-from llava_lightning.model.generation import eos_ids_for, generate_ids
+from llava_lightning.inference.generate import eos_ids_for
+from llava_lightning.model.generation import generate_ids
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,7 +159,7 @@ def test_eos_everywhere_stops_at_once(tiny):
         ids, mask = _left_pad([torch.arange(10, 22), torch.arange(40, 47)], tiny.tokenizer.pad_token_id)
         out = generate_ids(tiny, ids, mask, max_new_tokens=8)
         assert out.tolist() == [[tiny.tokenizer.eos_token_id]] * 2
-        texts = tiny.generate([None, _image(0)], ["Hi", "What colour is the shape?"], max_new_tokens=8)
+        texts = generate(tiny, [None, _image(0)], ["Hi", "What colour is the shape?"], max_new_tokens=8)
         assert texts == ["", ""]
     finally:
         head.bias = None
@@ -177,8 +179,8 @@ def test_generate_builds_template_prompts_left_padded(tiny, monkeypatch):
         row = reply + [tok.eos_token_id] + reply
         return torch.tensor([row] * input_ids.shape[0])
 
-    monkeypatch.setattr(generation, "generate_ids", fake)
-    out = tiny.generate(images, prompts, max_new_tokens=5)
+    monkeypatch.setattr(text_generation, "generate_ids", fake)
+    out = generate(tiny, images, prompts, max_new_tokens=5)
     assert out == ["a red circle"] * 3
     template = get_template("vicuna_v1")
     n_tok = tiny.vision_tower.num_tokens
@@ -197,8 +199,8 @@ def test_generate_builds_template_prompts_left_padded(tiny, monkeypatch):
 def test_generate_text_cache_matches_rerun_with_images(tiny):
     images = [_image(4), None]
     prompts = ["What colour is the shape?", "How many shapes are there?"]
-    cached = tiny.generate(images, prompts, max_new_tokens=4)
-    rerun = tiny.generate(images, prompts, max_new_tokens=4, use_cache=False)
+    cached = generate(tiny, images, prompts, max_new_tokens=4)
+    rerun = generate(tiny, images, prompts, max_new_tokens=4, use_cache=False)
     assert cached == rerun and all(isinstance(t, str) for t in cached)
 
 
@@ -218,8 +220,8 @@ def test_qwen2_chatml_cache_matches_rerun(qwen):
     )
     alone = generate_ids(qwen, rows[1][None], max_new_tokens=5, eos_token_ids=[])
     torch.testing.assert_close(cached[1], alone[0], rtol=0, atol=0)
-    texts = qwen.generate(
-        [None, _image(5)], ["Hi", "What shape is in the image?"], template="chatml", max_new_tokens=3
+    texts = generate(
+        qwen, [None, _image(5)], ["Hi", "What shape is in the image?"], template="chatml", max_new_tokens=3
     )
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
@@ -294,7 +296,7 @@ def test_evaluate_multiple_choice_breaks_accuracy_down_by_a_record_field(tiny, t
     # Right on the colour questions (records 0, 2, 4), one letter off on the count questions.
     by_question = {r["conversations"][0]["value"].removeprefix("<image>\n"): r for r in records}
 
-    def fake(self, images, prompts, **kwargs):
+    def fake(model, images, prompts, **kwargs):
         out = []
         for prompt in prompts:
             r = by_question[prompt]
@@ -302,7 +304,7 @@ def test_evaluate_multiple_choice_breaks_accuracy_down_by_a_record_field(tiny, t
             out.append(chr(65 + (ord(r["answer_letter"]) - 65 + shift) % len(r["options"])))
         return out
 
-    monkeypatch.setattr(LlavaModel, "generate", fake)
+    monkeypatch.setattr(multiple_choice, "generate", fake)
     result = evaluate_multiple_choice(tiny, path, tmp_path, group_by="kind")
     assert result["accuracy"] == pytest.approx(0.5)
     assert result["groups"] == {
@@ -322,7 +324,7 @@ def test_evaluate_multiple_choice_counts_correctly(tiny, tmp_path, monkeypatch):
     calls = []
 
     def answering(shift, form="{}"):
-        def fake(self, images, prompts, **kwargs):
+        def fake(model, images, prompts, **kwargs):
             calls.append((images, prompts))
             out = []
             for prompt in prompts:
@@ -333,7 +335,7 @@ def test_evaluate_multiple_choice_counts_correctly(tiny, tmp_path, monkeypatch):
 
         return fake
 
-    monkeypatch.setattr(LlavaModel, "generate", answering(0, "The answer is {}."))
+    monkeypatch.setattr(multiple_choice, "generate", answering(0, "The answer is {}."))
     right = evaluate_multiple_choice(tiny, path, tmp_path, batch_size=4)
     assert right["accuracy"] == 1.0 and right["correct"] == 6 and right["unparsed"] == 0
     assert [len(p) for _, p in calls] == [4, 2]
@@ -341,12 +343,12 @@ def test_evaluate_multiple_choice_counts_correctly(tiny, tmp_path, monkeypatch):
     assert [len(im) if im else 0 for im in images] == [1, 1, 1, 1, 0, 0]
     assert images[1][0].size == (50, 48) and images[1][0].mode == "RGB"
 
-    monkeypatch.setattr(LlavaModel, "generate", answering(1))
+    monkeypatch.setattr(multiple_choice, "generate", answering(1))
     wrong = evaluate_multiple_choice(tiny, path, tmp_path)
     assert wrong["accuracy"] == 0.0 and wrong["unparsed"] == 0
 
     monkeypatch.setattr(
-        LlavaModel, "generate", lambda self, images, prompts, **kw: ["no idea"] * 3 + ["B"] * 3
+        multiple_choice, "generate", lambda model, images, prompts, **kw: ["no idea"] * 3 + ["B"] * 3
     )
     mixed = evaluate_multiple_choice(tiny, path, tmp_path)
     # records 3..5 have answers D, A, B: "B" is right for record 5 only

@@ -70,8 +70,10 @@ def _grid(model, records: list[dict], image_root: Path, out: Path) -> None:
     """A PNG of a few eval images with the model's description of each."""
     from PIL import Image, ImageDraw
 
+    from .inference.generate import generate
+
     images = [Image.open(image_root / r["image"]).convert("RGB") for r in records]
-    replies = model.generate(images, ["Describe the image briefly."] * len(images), max_new_tokens=24)
+    replies = generate(model, images, ["Describe the image briefly."] * len(images), max_new_tokens=24)
     cell, text_h = 192, 56
     grid = Image.new("RGB", (cell * len(images), cell + text_h), "white")
     draw = ImageDraw.Draw(grid)

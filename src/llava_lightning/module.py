@@ -18,6 +18,7 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from .batch import IGNORE_INDEX, LlavaBatch, PromptBatch, supervised_mask
+from .inference.generate import generate
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
 from .model.projector_io import save_projector_artifact
 from .training import stages, strategies
@@ -276,7 +277,8 @@ class LlavaLitModule(L.LightningModule):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         """Greedy replies for a batch of `{"id", "prompt", "images"}` lists (`LlavaDataModule.predict`)."""
-        replies = self.model.generate(
+        replies = generate(
+            self.model,
             batch["images"],
             batch["prompt"],
             template=self.template,

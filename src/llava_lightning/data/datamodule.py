@@ -15,7 +15,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .captions import CaptionShards, expand_urls, local_path
 from .collate import LlavaCollator
-from .image import ImageTransform
+from .image import ImageTransform, TowerImageSpec
 from .instruct import InstructionDataset
 from .mixture import WeightedMixture
 from .prompts import PromptDataset, collate_prompts
@@ -32,6 +32,17 @@ from .sampler import EpochSampler, ResumableDataLoader
 from .step_tokens import StepTokenLoader
 
 log = logging.getLogger(__name__)
+
+
+class TowerDataSpec(TowerImageSpec, Protocol):
+    """What the data reads from a vision tower: the image transform's size, mean and std, and the number
+    of image-token ids per image. The model's `VisionTower` fits without naming it (data/ does not
+    import the model)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Feature vectors (image-token ids) per image."""
+        ...
 
 
 @dataclass
@@ -48,7 +59,7 @@ class ImageSettings:
     """Image-token ids per image."""
 
     @classmethod
-    def from_tower(cls, tower: Any) -> ImageSettings:
+    def from_tower(cls, tower: TowerDataSpec) -> ImageSettings:
         """The settings a vision tower reports."""
         return cls(tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens)
 

@@ -21,15 +21,12 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-if TYPE_CHECKING:
-    from ..model.vision_tower import VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
     "ImageTransform",
+    "TowerImageSpec",
     "decode_image",
     "to_rgb",
 ]
@@ -249,6 +247,29 @@ def _pixels(image: Image.Image, pad_fill: tuple[int, int, int] | None) -> np.nda
     return canvas
 
 
+class TowerImageSpec(Protocol):
+    """What the image transform reads from a vision tower: its input size, mean and std.
+
+    Declared here so the data side names what it needs without importing the model: any object with
+    these attributes fits (the model's `VisionTower` does, without naming this protocol).
+    """
+
+    @property
+    def image_size(self) -> int:
+        """Square input resolution in pixels."""
+        ...
+
+    @property
+    def image_mean(self) -> Sequence[float]:
+        """Normalization mean (RGB)."""
+        ...
+
+    @property
+    def image_std(self) -> Sequence[float]:
+        """Normalization std (RGB)."""
+        ...
+
+
 class ImageTransform:
     """PIL image -> normalized float32 `[3, size, size]` tensor for the vision tower (CLIP preprocessing).
 
@@ -299,7 +320,7 @@ class ImageTransform:
         self._scale = torch.tensor(self.std, dtype=torch.float32).mul(255).reciprocal().view(3, 1, 1)
 
     @classmethod
-    def from_tower(cls, tower: VisionTower, aspect: Literal["square", "pad"] = "square") -> ImageTransform:
+    def from_tower(cls, tower: TowerImageSpec, aspect: Literal["square", "pad"] = "square") -> ImageTransform:
         """The transform a vision tower expects (its `image_size`, `image_mean` and `image_std`)."""
         return cls(tower.image_size, tower.image_mean, tower.image_std, aspect=aspect)
 

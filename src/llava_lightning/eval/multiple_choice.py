@@ -30,6 +30,7 @@ from torchmetrics.aggregation import MeanMetric
 from ..data.image import decode_image
 from ..data.image_paths import ImageRoot, record_image_paths
 from ..data.prompts import prompt_of
+from ..inference.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def evaluate_multiple_choice(
     limit: int | None = None,
     group_by: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy multiple-choice accuracy of `model` (anything with `LlavaModel.generate`).
+    """Greedy multiple-choice accuracy of `model` (a `LlavaModel`, replying through `inference.generate`).
 
     Returns `accuracy` (correct / n; unparsed replies are wrong), `n`, `correct`, `unparsed`,
     `chance` (mean of 1 / number of options: the expected accuracy of a uniform guess) and
@@ -129,8 +130,8 @@ def evaluate_multiple_choice(
         for r in batch:
             paths = [root.resolve(p) for p in record_image_paths(r)]
             images.append([decode_image(p) for p in paths] if paths else None)
-        replies = model.generate(
-            images, prompts, template=template, max_new_tokens=max_new_tokens, aspect=aspect
+        replies = generate(
+            model, images, prompts, template=template, max_new_tokens=max_new_tokens, aspect=aspect
         )
         if len(replies) != len(batch):
             raise RuntimeError(f"generate returned {len(replies)} replies for {len(batch)} prompts")

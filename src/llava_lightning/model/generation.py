@@ -1,4 +1,4 @@
-"""Batched text generation for `LlavaModel`: greedy or temperature / top-p sampling, with a KV cache.
+"""Batched generation on token ids for `LlavaModel`: greedy or temperature / top-p sampling, with a KV cache.
 
 `generate_ids` works on token ids: prompts are LEFT-padded, position ids come from the attention
 mask (`cumsum - 1`, clamped at 0), so every row computes exactly what it would compute alone. With
@@ -8,12 +8,11 @@ whose keys and values join the cache (the image features live in the cache, so `
 passed on the first step only). With `use_cache=False` every step reruns the whole sequence, images
 included: slow, and the reference the cached path must match.
 
-`generate` works on text: it builds the prompt with a conversation template (`add_generation_prompt`,
-the same encoder as training, so the prompt is token for token the training prefix), transforms the
-images as the vision tower expects, generates and decodes.
-
 The image placeholder id (and any vocabulary padding rows beyond the tokenizer) is never generated:
 the image id carries no meaning without pixels.
+
+Text in, text out (conversation templates, image transforms, decoding) is `inference.generate`, above
+both the model and the data.
 """
 
 from __future__ import annotations
@@ -26,16 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from .llava import LlavaModel
 
 log = logging.getLogger(__name__)
 
-IMAGE = "<image>"
 
-
-# ----------------------------------------------------------------------------------------------- ids
 def _lm_forward_params(model: LlavaModel) -> set[str]:
     try:
         return set(inspect.signature(model.language_model.forward).parameters)
@@ -204,101 +198,3 @@ def generate_ids(
     result = torch.stack(new_tokens, dim=1)
     log.debug("generated %d tokens for %d prompts (%d finished)", result.shape[1], batch, int(done.sum()))
     return result
-
-
-# ---------------------------------------------------------------------------------------------- text
-def _as_image_list(entry: Any) -> list[Image.Image]:
-    if entry is None:
-        return []
-    if isinstance(entry, (list, tuple)):
-        return list(entry)
-    return [entry]
-
-
-def eos_ids_for(tokenizer: Any, template: Any) -> list[int]:
-    """The tokenizer's EOS, plus the template's end-of-turn token when it is another special token
-    the tokenizer knows (ChatML `<|im_end|>`, Llama-3 `<|eot_id|>`)."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    end = getattr(template, "end", None)
-    if isinstance(end, str) and end:
-        vocab = tokenizer.get_vocab()
-        if end in vocab and int(vocab[end]) != tokenizer.unk_token_id and int(vocab[end]) not in ids:
-            ids.append(int(vocab[end]))
-    return ids
-
-
-def generate(
-    model: LlavaModel,
-    images: Sequence[Any],
-    prompts: Sequence[str],
-    template: str = "vicuna_v1",
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    aspect: str = "pad",
-    use_cache: bool = True,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """Replies to `prompts` (user texts), one per prompt, stripped.
-
-    `images[i]` is None, a PIL image or a list of PIL images for prompt i; each image becomes a
-    `<image>\\n` line in front of the prompt (LLaVA's layout). The prompt is the template's
-    generation prompt (`add_generation_prompt=True`), left-padded with the tokenizer's pad id.
-    """
-    from ..data.image import ImageTransform
-    from ..data.templates import get_template
-
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts (need one per prompt)")
-    if not prompts:
-        return []
-    tokenizer = model.tokenizer
-    tmpl = get_template(template)
-    transform = ImageTransform.from_tower(model.vision_tower, aspect)
-    num_tokens = model.vision_tower.num_tokens
-
-    encoded: list[list[int]] = []
-    pixels: list[torch.Tensor] = []
-    for entry, prompt in zip(images, prompts):
-        imgs = _as_image_list(entry)
-        conversation = [{"from": "human", "value": (IMAGE + "\n") * len(imgs) + prompt}]
-        enc = tmpl.encode(
-            conversation, tokenizer, num_tokens, num_images=len(imgs), add_generation_prompt=True
-        )
-        encoded.append(enc["input_ids"])
-        pixels += [transform(img) for img in imgs]
-
-    eos = eos_ids_for(tokenizer, tmpl)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
-    length = max(len(e) for e in encoded)
-    input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        if e:
-            input_ids[i, length - len(e) :] = torch.tensor(e, dtype=torch.long)
-            attention_mask[i, length - len(e) :] = 1
-    pixel_values = torch.stack(pixels) if pixels else None
-
-    out = generate_ids(
-        model,
-        input_ids,
-        attention_mask,
-        pixel_values=pixel_values,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        eos_token_ids=eos,
-        use_cache=use_cache,
-        generator=generator,
-        pad_token_id=pad,
-    )
-    texts = []
-    eos_set = set(eos)
-    for row in out.tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos_set), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return texts

@@ -243,12 +243,6 @@ class LlavaModel(nn.Module):
         return LlavaOutput(loss=loss, loss_sum=loss_sum, num_supervised=count, cache=_cache_of(out))
 
     # ----------------------------------------------------------------------------- generation
-    def generate(self, images, prompts, **kwargs: Any) -> list[str]:
-        """Replies to `prompts`, one per prompt (see `generation.generate` for the arguments)."""
-        from .generation import generate
-
-        return generate(self, images, prompts, **kwargs)
-
     def generate_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ):
