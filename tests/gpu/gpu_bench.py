@@ -444,14 +444,11 @@ SMOKE = Mode(
 
 def make_data(out: Path, mode: Mode) -> Path:
     """Synthetic-shapes instruction data with enough samples for one epoch of `mode.steps` batches."""
-    sys.path.insert(0, str(REPO))
-    from data_recipes import synthetic_shapes
+    from llava_lightning.data.synthetic import generate
 
     n = (mode.steps + 2) * mode.batch_size
     if not (out / "instruct" / "llava_instruct.json").exists():
-        synthetic_shapes.generate(
-            out, seed=0, n_captions=4, n_instruct=n, n_eval=4, shard_size=4, n_mc_train=4, n_val=4
-        )
+        generate(out, seed=0, n_captions=4, n_instruct=n, n_eval=4, shard_size=4, n_mc_train=4, n_val=4)
     return out
 
 
