@@ -83,15 +83,10 @@ def sample_ids(model, images: int, text: int = 12) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small synthetic-shapes dataset (the demo's generator with few samples)."""
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from data_recipes import synthetic_shapes
+    from llava_lightning.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("shapes")
-    synthetic_shapes.generate(
-        out, seed=0, n_captions=80, n_instruct=48, n_eval=12, shard_size=8, n_mc_train=24, n_val=12
-    )
+    generate(out, seed=0, n_captions=80, n_instruct=48, n_eval=12, shard_size=8, n_mc_train=24, n_val=12)
     return out
 
 

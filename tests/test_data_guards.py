@@ -23,7 +23,7 @@ def test_the_readme_command_before_the_data_exists_fails_at_setup_with_the_fix(t
         main(args)
     message = str(err.value)
     assert "data/shapes/captions/shard-00000.tar" in message and "10 missing" in message
-    assert "python data_recipes/synthetic_shapes.py --out data/shapes --seed 0" in message
+    assert "python -m llava_lightning.data.synthetic --out data/shapes --seed 0" in message
     assert not list(tmp_path.rglob("projector.safetensors")) and not list(tmp_path.rglob("*.ckpt"))
 
 

@@ -2,7 +2,7 @@
 
 Every hyperparameter is a CLI flag, so a trial is the usual command plus `--key=value` flags; the
 objective is the run's last validation loss. Run from the repository root, after
-`python data_recipes/synthetic_shapes.py --out data/shapes --seed 0` (or one `make demo`):
+`python -m llava_lightning.data.synthetic --out data/shapes --seed 0` (or one `make demo`):
 
     .venv/bin/python conf/sweeps/tiny_optuna.py --trials 8 --max-steps 100
     .venv/bin/python conf/sweeps/tiny_optuna.py --storage sqlite:///outputs/optuna.db  # resumable

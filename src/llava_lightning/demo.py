@@ -1,6 +1,6 @@
 """`make demo`: the embedded default, end to end on a CPU, through the same CLI and configs as a real run.
 
-1. Generate the synthetic shapes data once (`data_recipes/synthetic_shapes.py`).
+1. Generate the synthetic shapes data once (`python -m llava_lightning.data.synthetic`).
 2. Stage 1: `fit -c conf/stage1.yaml -c conf/tiny.yaml` (plain captions, projector only).
 3. Stage 2: `fit -c conf/stage2.yaml -c conf/tiny.yaml --model.init_projector <stage-1 artifact>`
    (vicuna_v1 instructions + multiple-choice questions; projector + LLM).
@@ -36,21 +36,14 @@ def _fit(args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def _recipe():
-    """The data recipe module (`data_recipes/` sits beside `src/`, outside the package)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from data_recipes import synthetic_shapes
-
-    return synthetic_shapes
-
-
 def _data_is_current(data: Path) -> bool:
-    """Data made by this checkout's recipe (same format version) is reused; anything else is remade."""
+    """Data made by this checkout's generator (same format version) is reused; anything else is remade."""
+    from .data.synthetic import FORMAT_VERSION
+
     manifest = data / "MANIFEST.json"
     if not manifest.exists():
         return False
-    return json.loads(manifest.read_text()).get("format_version") == _recipe().FORMAT_VERSION
+    return json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
 
 
 def _latest(pattern: str, root: Path) -> Path:
@@ -133,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
           f"--trainer.max_epochs={args.stage2_epochs}", f"--model.init_projector={projector}"])  # fmt: skip
     stage2_dir = _latest("stage2/version_*", out)
 
+    from .data.synthetic import EVAL_FILES as eval_files
     from .eval.multiple_choice import evaluate_multiple_choice
 
-    eval_files = _recipe().EVAL_FILES
     eval_root = data / "eval"
     _say("evaluating the held-out multiple-choice sets (greedy, answer letter parsed)")
     models = {

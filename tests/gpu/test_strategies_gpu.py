@@ -1,13 +1,13 @@
-"""GPU checks (issue 5 §4): a ~1.4B random-init LLaVA trained 20 steps with each of fsdp2, fsdp,
+"""GPU checks: a ~1.4B random-init LLaVA trained 20 steps with each of fsdp2, fsdp,
 deepspeed_zero2 and deepspeed_zero3 on one CUDA device, reporting tokens/s, peak memory and MFU.
 
     pytest -m gpu tests/gpu -s                      # on a CUDA machine (skipped without one)
-    python tests/gpu/gpu_bench.py                   # the same sweep as a script
+    python -m llava_lightning.bench.gpu_sweep       # the same sweep as a script
     LLAVA_GPU_SMOKE=1 pytest -m gpu tests/gpu -s    # the same code path, tiny model on CPU
 
 The table is printed and written to `strategies_<mode>.md` (path printed) beside `results.jsonl` and
 one log per strategy, in `$LLAVA_GPU_OUT` if set, else the test's tmp_path. The FLOP count
-behind MFU is analytic (see `gpu_bench`); `test_flop_count_matches_lightning_measure_flops` checks it
+behind MFU is analytic (see `llava_lightning.bench.flops`); `test_flop_count_matches_lightning_measure_flops` checks it
 against Lightning's `measure_flops` on the tiny model, on CPU, in every run of the suite.
 """
 
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from gpu_bench import GPU, SMOKE, LlavaFlops, batch_stats, run_all
+
+from llava_lightning.bench.flops import LlavaFlops, batch_stats
+from llava_lightning.bench.gpu_sweep import GPU, SMOKE, run_all
 
 SMOKE_REQUESTED = os.environ.get("LLAVA_GPU_SMOKE") == "1"
 

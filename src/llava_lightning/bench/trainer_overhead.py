@@ -19,18 +19,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from ..data import LlavaDataModule, SourceConfig
+from ..data.synthetic import generate
 from ..module import LlavaLitModule, OptimConfig
 
 
 def _batches(lit: LlavaLitModule, n: int, batch_size: int) -> list[dict]:
-    import sys
-
-    repo = Path(__file__).resolve().parents[3]
-    sys.path.insert(0, str(repo))
-    from data_recipes import synthetic_shapes
-
     root = Path(tempfile.mkdtemp())
-    synthetic_shapes.generate(root, seed=0, n_captions=16, n_instruct=n * batch_size, n_eval=4, n_mc_train=4)
+    generate(root, seed=0, n_captions=16, n_instruct=n * batch_size, n_eval=4, n_mc_train=4)
     dm = LlavaDataModule(
         train=[SourceConfig(kind="instruct", path=str(root / "instruct/llava_instruct.json"), image_root=str(root / "instruct"))],
         template="vicuna_v1", batch_size=batch_size, num_workers=0,

@@ -1,0 +1,324 @@
+"""Throughput, peak memory and MFU of LLaVA training under each sharding strategy: the GPU sweep.
+
+One run per strategy: the real CLI (`python -m llava_lightning fit -c conf/stage2.yaml -c OVERLAY -c
+conf/strategy/<s>.yaml`) trains stage 2 (projector + LLM, frozen tower, gradient checkpointing) on
+synthetic-shapes data for a few steps, with the `StepThroughput` callback recording every
+step after a warm-up and appending one JSON line to a results file. `run_all` then prints a markdown
+table and writes it next to the results.
+
+Two modes share every line of that path:
+
+- `GPU`: a ~1.4B-parameter random-init LLaVA on one CUDA device, 20 steps, strategies fsdp2, fsdp,
+  deepspeed_zero2, deepspeed_zero3, each in bf16 (the strategy YAMLs' precision: fsdp2 keeps fp32
+  master weights and computes in bf16, the others run bf16-mixed). Vision tower: CLIP ViT-L/14-336
+  shapes (hidden 1024, 24 layers, 16 heads, MLP 4096, 336 px, patch 14: 576 image tokens, 23 blocks
+  run for feature layer -2). LLM: TinyLlama-1.1B shapes (hidden 2048, 22 layers, 32 heads, 4 KV heads,
+  MLP 5632, vocab 32000). The tokenizer is the offline `tiny:llama` one (about 1000 pieces with `<image>`
+  and `<pad>`); the LLM's 32000-row vocabulary is larger than it needs (the unused rows are never
+  indexed, but the LM head still computes all 32000 logits per supervised token, as a real
+  Llama-vocabulary model does). Parameters: vision 303M, projector 6.3M, LLM 1.10B.
+- `SMOKE`: the `tiny` preset on CPU in fp32, 3 steps, strategies ddp and fsdp2 (one process each):
+  the same CLI, overlay, callback, results file and table, so the GPU script is not an untested stub.
+
+FLOPs come from `flops.LlavaFlops` (the count is documented there). Tests: `tests/gpu/`.
+
+    python -m llava_lightning.bench.gpu_sweep                   # GPU mode (--strategies fsdp2 fsdp ...)
+    python -m llava_lightning.bench.gpu_sweep --smoke           # the tiny model on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[3]
+
+CLIP_VIT_L_14_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+}
+TINYLLAMA_1_1B = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+BENCH_SPEC = {
+    "vision": {
+        "name": "clip-vit-large-patch14-336-random",
+        "config": CLIP_VIT_L_14_336,
+        "feature_layer": -2,
+        "select_strategy": "default",
+    },
+    "projector": "mlp2x_gelu",
+    "language": {"name": "tinyllama-1.1b-random", "config": TINYLLAMA_1_1B, "tokenizer": "tiny:llama"},
+}
+
+
+@dataclass
+class Mode:
+    """What one sweep over the strategies trains, and where."""
+
+    name: str
+    strategies: tuple[str, ...]
+    steps: int
+    warmup: int
+    batch_size: int
+    num_workers: int
+    accelerator: str
+    model: dict[str, Any]
+    extra_flags: tuple[str, ...] = ()
+    """CLI flags after the strategy YAML, for every run."""
+    strategy_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """CLI flags for one strategy's run (listed under the table)."""
+    timeout_s: int = 240
+    budget_s: int | None = None
+    """The whole sweep must finish within this (None: no limit)."""
+
+
+GPU = Mode(
+    name="gpu",
+    strategies=("fsdp2", "fsdp", "deepspeed_zero2", "deepspeed_zero3"),
+    steps=20,
+    warmup=5,
+    batch_size=16,
+    num_workers=4,
+    accelerator="gpu",
+    model={"preset": None, "spec": BENCH_SPEC},
+    timeout_s=150,
+    budget_s=480,  # the four runs in under 8 minutes on one H100
+)
+SMOKE = Mode(
+    name="smoke",
+    strategies=("ddp", "fsdp2"),
+    steps=3,
+    warmup=1,
+    batch_size=4,
+    num_workers=0,
+    accelerator="cpu",
+    model={"preset": "tiny", "spec": None},
+    # fp32 on CPU; FSDP2's bf16 casting policy off (a CPU without bf16 matrix units emulates it).
+    extra_flags=("--trainer.precision=32-true",),
+    strategy_flags={
+        "fsdp2": ("--trainer.strategy.param_dtype=null", "--trainer.strategy.frozen_vision_dtype=null")
+    },
+    timeout_s=180,
+)
+
+
+def make_data(out: Path, mode: Mode) -> Path:
+    """Synthetic-shapes instruction data with enough samples for one epoch of `mode.steps` batches."""
+    n = (mode.steps + 2) * mode.batch_size
+    if not (out / "instruct" / "llava_instruct.json").exists():
+        generate(out, seed=0, n_captions=4, n_instruct=n, n_eval=4, shard_size=4, n_mc_train=4, n_val=4)
+    return out
+
+
+def overlay(mode: Mode, strategy: str, data: Path, workdir: Path, results: Path) -> Path:
+    """The config file laid over conf/stage2.yaml (JSON, which YAML reads)."""
+    cfg = {
+        "trainer": {
+            "accelerator": mode.accelerator,
+            "devices": 1,
+            "num_nodes": 1,
+            "max_steps": mode.steps,
+            "max_epochs": -1,
+            "limit_val_batches": 0,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(workdir / strategy),
+            "callbacks": [
+                {
+                    "class_path": "llava_lightning.bench.throughput.StepThroughput",
+                    "init_args": {"results": str(results), "label": strategy, "warmup": mode.warmup},
+                }
+            ],
+        },
+        "model": {
+            **mode.model,
+            "stage": "finetune",
+            "gradient_checkpointing": True,
+            "init_projector": None,
+        },
+        "data": {
+            "train": [
+                {
+                    "kind": "instruct",
+                    "path": str(data / "instruct" / "llava_instruct.json"),
+                    "image_root": str(data / "instruct"),
+                }
+            ],
+            "val": None,
+            "batch_size": mode.batch_size,
+            "num_workers": mode.num_workers,
+        },
+    }
+    path = workdir / f"overlay-{strategy}.yaml"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def run_strategy(
+    mode: Mode, strategy: str, data: Path, workdir: Path, results: Path, logs: Path
+) -> dict[str, Any]:
+    """One `fit` subprocess; returns {strategy, returncode, wall_s, log} (+ error: its last error line)."""
+    strategy_yaml = REPO / "conf" / "strategy" / f"{strategy}.yaml"
+    log = logs / f"{strategy}.log"
+    if not strategy_yaml.exists():
+        log.write_text(f"{strategy_yaml} does not exist\n")
+        return {
+            "strategy": strategy,
+            "returncode": None,
+            "wall_s": 0.0,
+            "log": str(log),
+            "error": "no such YAML",
+        }
+    cmd = [
+        sys.executable, "-m", "llava_lightning", "fit",
+        "-c", str(REPO / "conf" / "stage2.yaml"),
+        "-c", str(overlay(mode, strategy, data, workdir, results)),
+        "-c", str(strategy_yaml),
+        *mode.extra_flags,
+        *mode.strategy_flags.get(strategy, ()),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        # The package from this checkout (also where it is not installed): the CLI and the callback.
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if mode.accelerator == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(
+                cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=mode.timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    run = {"strategy": strategy, "returncode": rc, "wall_s": time.perf_counter() - start, "log": str(log)}
+    if rc != 0:
+        errors = [x for x in log.read_text(errors="replace").splitlines() if "Error" in x or "Exception" in x]
+        run["error"] = errors[-1].strip()[:300] if errors else ""
+    return run
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(mode: Mode, records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """Markdown table of the results, with a header naming the card, the date and the setup."""
+    by_name = {r["strategy"]: r for r in records}
+    first = records[0] if records else {}
+    params = first.get("params", {})
+    mem = first.get("peak_mem_kind", "peak memory")
+    lines = [
+        f"Device: {first.get('device', '?')}; {datetime.date.today().isoformat()}; torch {torch.__version__}; "
+        f"mode {mode.name}: {mode.steps} steps ({mode.warmup} warm-up), batch {mode.batch_size}, stage 2 "
+        f"(projector + LLM train), gradient checkpointing; params vision {params.get('vision', 0) / 1e6:.0f}M, "
+        f"projector {params.get('projector', 0) / 1e6:.1f}M, LLM {params.get('llm', 0) / 1e6:.0f}M "
+        f"(trainable {params.get('trainable', 0) / 1e6:.0f}M); MFU vs {first.get('peak_source', '?')}.",
+        "",
+        f"| strategy | precision | tokens/s | step time (s) | TFLOP/s | MFU % | {mem} (GiB) | reserved (GiB) "
+        "| vision+proj FLOP share | run wall (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        r = by_name.get(run["strategy"])
+        if r is None:
+            why = f"failed (exit {run['returncode']}): {run.get('error', '')} (log {run['log']})".replace(
+                "|", "/"
+            )
+            lines.append(f"| {run['strategy']} | {why} |||||||| {run['wall_s']:.0f} |")
+            continue
+        lines.append(
+            f"| {r['strategy']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} "
+            f"| {r['tflops_per_s_per_device']:.2f} | {100 * r['mfu']:.1f} | {r['peak_mem_gib']:.2f} "
+            f"| {_fmt(r['peak_reserved_gib'], '.2f')} | {100 * r['vision_projector_flops_share']:.1f}% "
+            f"| {run['wall_s']:.0f} |"
+        )
+    flags = [
+        f"{s}: `{' '.join(f)}`" for s, f in mode.strategy_flags.items() if s in {r["strategy"] for r in runs}
+    ]
+    if mode.extra_flags or flags:
+        lines += [
+            "",
+            f"Flags after the strategy YAML: all: `{' '.join(mode.extra_flags) or '-'}`; " + "; ".join(flags),
+        ]
+    return "\n".join(lines)
+
+
+def run_all(
+    mode: Mode, workdir: Path, strategies: tuple[str, ...] | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """Run every strategy of `mode` (data, overlays, run folders under `workdir`); print the table and
+    write it, the JSON lines and one log per strategy to `out` (default `workdir`): at most 6 files."""
+    out = out or workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    results.unlink(missing_ok=True)
+    start = time.perf_counter()
+    data = make_data(workdir / "data", mode)
+    runs = [run_strategy(mode, s, data, workdir, results, out) for s in strategies or mode.strategies]
+    total = time.perf_counter() - start
+    records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    text = table(mode, records, runs) + f"\n\nWhole sweep: {total:.0f} s wall.\n"
+    path = out / f"strategies_{mode.name}.md"
+    path.write_text(text)
+    print(
+        f"\n{text}\nTable written to {path}; JSON lines in {results}; logs {out}/<strategy>.log", flush=True
+    )  # noqa: T201
+    return {"runs": runs, "records": records, "table": path, "total_s": total}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (ddp, fsdp2)")
+    parser.add_argument("--strategies", nargs="+", help="subset of the mode's strategies")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "gpu_checks"), help="table, results, logs")
+    parser.add_argument("--workdir", help="data and run folders (default: OUT/work)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out / "work"
+    summary = run_all(SMOKE if args.smoke else GPU, workdir, tuple(args.strategies or ()) or None, out)
+    failed = [r["strategy"] for r in summary["runs"] if r["returncode"] != 0]
+    sys.exit(f"failed: {failed}" if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
