@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(
             [
                 sys.executable,
-                "data_recipes/synthetic_shapes.py",
+                "-m",
+                "llava_lightning.data.synthetic",
                 "--out",
                 str(data),
                 "--seed",

@@ -10,7 +10,7 @@ A record::
      "answer_letter": "B", "options": ["x", "y"]}
 
 The human turn, without its leading `<image>\\n` lines (`generate` puts one back per image), is the
-prompt; decoding is greedy (LLaVA-1.5's ScienceQA protocol, facts §4); the reply is parsed for the
+prompt; decoding is greedy (LLaVA-1.5's ScienceQA evaluation, `model_vqa_science.py`); the reply is parsed for the
 first standalone option letter. Accuracy is plain correct / total, unparsed replies counted wrong,
 accumulated with a `torchmetrics` `MeanMetric`; `group_by` names a record field (the synthetic set's
 `question_type`, ScienceQA's `subject`) to break it down by that field's values too.

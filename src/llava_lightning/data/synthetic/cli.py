@@ -67,7 +67,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     elapsed = time.perf_counter() - start
     print(
-        f"synthetic_shapes: seed {args.seed}: {m['captions']['samples']} captions in {m['captions']['shards']} shards, "
+        f"synthetic shapes: seed {args.seed}: {m['captions']['samples']} captions in {m['captions']['shards']} shards, "
         f"{m['instruct']['samples']} instruct ({m['instruct']['two_image']} two-image, {m['instruct']['text_only']} text-only), "
         f"{m['eval']['samples']} eval -> {args.out} in {elapsed:.1f}s"
     )

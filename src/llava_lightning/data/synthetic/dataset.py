@@ -59,7 +59,7 @@ def generate(
     letters = write_eval(out / "eval", seed, n_eval, image_size)
     log.info("eval: %d questions, answer letters %s", n_eval, letters)
     manifest = {
-        "recipe": "data_recipes/synthetic_shapes.py",
+        "recipe": "python -m llava_lightning.data.synthetic",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "image_size": image_size,
