@@ -324,7 +324,6 @@ class LlavaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         # Batches come grouped by optimizer step and annotated with the step's token count, so the
         # module can scale each micro-batch loss before backward (step_tokens.py).
-
         loader, trainer = self._loader(self.train_sources, "train"), self.trainer
         if trainer is None:
             return StepTokenLoader.wrap(loader)
