@@ -37,6 +37,8 @@ from typing import Any
 
 from torch import nn
 
+from ..batch import count_supervised
+
 
 @dataclass
 class _Unit:
@@ -150,7 +152,7 @@ def batch_stats(batch: dict[str, Any]) -> dict[str, Any]:
     return {
         "seq_lens": batch["attention_mask"].sum(1).tolist(),
         "n_images": 0 if pixels is None else int(pixels.shape[0]),
-        "n_supervised": int((batch["labels"][:, 1:] != -100).sum()),
+        "n_supervised": count_supervised(batch),
         "padded": int(batch["input_ids"].numel()),
         "samples": int(batch["input_ids"].shape[0]),
     }

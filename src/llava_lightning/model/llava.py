@@ -33,11 +33,9 @@ log = logging.getLogger(__name__)
 class LlavaOutput(ModelOutput):
     """What `LlavaModel.forward` returns.
 
-    A transformers `ModelOutput` (a dict and a registered pytree node), not a bare dataclass: the
-    sharding wrappers find the output tensors they hook for backward only in containers they know.
-    With the bare dataclass, torch 2.11's FSDP2 crashed in the LM head's backward on an H100 (most
-    likely it found no output tensor to hook, so the root never re-gathered its parameters), and
-    DeepSpeed ZeRO-3 warned that its hooks "may not get triggered"; it reads dicts.
+    A transformers `ModelOutput` (a dict and a registered pytree node), not a bare dataclass: FSDP2
+    and DeepSpeed ZeRO-3 hook backward only on output tensors in containers they know (the GPU
+    failure a bare dataclass caused: docs/experiments.md).
     """
 
     loss: torch.Tensor | None = None
