@@ -25,6 +25,7 @@ from .captions import CaptionShards, expand_urls, local_path
 from .collate import LlavaCollator
 from .image import ImageTransform, TowerImageSpec
 from .instruct import InstructionDataset
+from .length_grouping import LengthGrouping
 from .mixture import WeightedMixture
 from .prompts import PromptDataset, collate_prompts
 from .sample import PADDING, SampleEncoder
@@ -142,6 +143,8 @@ class LlavaDataModule(L.LightningDataModule):
         skip_window: int = 1000,
         missing_data_hint: str | None = None,
         uint8_pixels: bool = True,
+        group_by_length: bool = False,
+        group_megabatch: int = 50,
         tokenizer: Any = None,
         image_settings: ImageSettings | None = None,
         stage: str | None = None,
@@ -170,6 +173,10 @@ class LlavaDataModule(L.LightningDataModule):
             missing_data_hint: Added to the error for missing data files: how to get them (e.g. the command
                 that generates them).
             uint8_pixels: Ship uint8 pixels from workers; the model normalizes them on its device.
+            group_by_length: Batch training samples of similar length, text-only and image samples apart
+                (LLaVA's group_by_modality_length); one instruct training source only.
+            group_megabatch: With group_by_length: steps (ranks x batch_size samples) sorted by length
+                together; larger pads less, capped at a quarter of the epoch.
             tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
             image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
             stage: The model's training stage (linked by the CLI); picks `train` / `val` when keyed by stage.
@@ -195,6 +202,16 @@ class LlavaDataModule(L.LightningDataModule):
         self.max_skip_ratio, self.skip_window = max_skip_ratio, skip_window
         self.missing_data_hint = missing_data_hint
         self.uint8_pixels = uint8_pixels
+        if group_by_length and [s.kind for s in self.train_sources] != ["instruct"]:
+            kinds = ", ".join(s.kind for s in self.train_sources) or "none"
+            raise ValueError(
+                f"data.group_by_length needs exactly one training source of kind instruct, got: {kinds}. "
+                "Caption shards stream and weighted mixtures draw on the fly, so neither can be ordered by "
+                "length: set data.group_by_length false for them, or merge the instruction JSON files into one"
+            )
+        if group_megabatch < 1:
+            raise ValueError(f"group_megabatch must be >= 1 step, got {group_megabatch}")
+        self.group_by_length, self.group_megabatch = group_by_length, group_megabatch
         self._window: Counter[str] = Counter()  # samples (`seen`) and skips per reason since the last check
         self._window_batches = 0
         self.encoder: SampleEncoder | None = None
@@ -312,7 +329,17 @@ class LlavaDataModule(L.LightningDataModule):
             if getattr(dataset, "resumable", False):  # a mixture of map-style sources
                 return ResumableDataLoader(dataset, **common)
             return DataLoader(dataset, **common)
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
+        grouping = None
+        if train and self.group_by_length:
+            index = dataset.index
+            grouping = LengthGrouping.from_counts(
+                index.word_counts(),
+                index.num_images,
+                self.encoder.num_image_tokens,
+                self.batch_size,
+                self.group_megabatch,
+            )
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed, grouping=grouping)
         sampler.set_epoch(epoch)
         return ResumableDataLoader(dataset, sampler, **common)
 

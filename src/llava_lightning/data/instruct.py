@@ -56,6 +56,7 @@ class InstructionIndex:
         self.buffer = b"".join(chunks)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.num_images = np.asarray(images, dtype=np.int16)
+        self._words: np.ndarray | None = None
         log.info("indexed %d records of %s (%.1f MB)", len(self), path, len(self.buffer) / 1e6)
 
     def __len__(self) -> int:
@@ -64,6 +65,23 @@ class InstructionIndex:
     def __getitem__(self, i: int) -> Any:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return json.loads(self.buffer[start:end])
+
+    def word_counts(self) -> np.ndarray:
+        """Whitespace-separated words of each record's turns (0 for a malformed record): a length
+        estimate that needs no tokenizer. Computed on first use (one parse of the buffer), then kept."""
+        if self._words is None:
+            words = np.zeros(len(self), dtype=np.int32)
+            for i in range(len(self)):
+                record = self[i]
+                turns = record.get("conversations") if isinstance(record, dict) else None
+                if isinstance(turns, list):
+                    words[i] = sum(
+                        len(turn["value"].split())
+                        for turn in turns
+                        if isinstance(turn, dict) and isinstance(turn.get("value"), str)
+                    )
+            self._words = words
+        return self._words
 
 
 class InstructionDataset(Dataset):

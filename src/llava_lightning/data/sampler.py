@@ -8,6 +8,8 @@ a counted `padding` skip, so every sample is read exactly once per epoch (`Distr
 repeats samples instead). `ResumableDataLoader` counts the batches it has handed out; Lightning
 stores that in checkpoints (the loader is "stateful") and, on resume, the sampler starts after the
 samples already consumed, so a resumed run sees exactly the batches the uninterrupted run would.
+With a `LengthGrouping`, the epoch's order groups samples of similar length and modality into each
+rank's batches instead (`length_grouping.py`), with the same counts, padding slots and resume.
 
 A saved position belongs to the epoch it was saved in. One saved on an epoch's last batch (a
 `ModelCheckpoint(every_n_train_steps=...)` that divides the epoch, a requeue at the epoch's end,
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .length_grouping import LengthGrouping
 from .splitting import rank_and_world
 
 PAD = None
@@ -39,8 +42,14 @@ class EpochSampler(DistributedSampler):
     (which needs an initialised process group at construction time).
     """
 
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0):  # noqa: D107
-        self.length, self.shuffle, self.seed = length, shuffle, seed
+    def __init__(  # noqa: D107
+        self, length: int, shuffle: bool = True, seed: int = 0, grouping: LengthGrouping | None = None
+    ):
+        if grouping is not None and len(grouping) != length:
+            raise ValueError(f"length grouping covers {len(grouping)} samples, the sampler {length}")
+        if grouping is not None and not shuffle:
+            raise ValueError("length grouping is a shuffled order: use it with shuffle=True")
+        self.length, self.shuffle, self.seed, self.grouping = length, shuffle, seed, grouping
         self.epoch, self.start = 0, 0
         self.rank, self.world = rank_and_world()
 
@@ -57,16 +66,22 @@ class EpochSampler(DistributedSampler):
         self._refresh_rank()
         return -(-self.length // self.world)
 
-    def __iter__(self) -> Iterator[int | None]:
-        self._refresh_rank()
+    def _order(self) -> list[int | None]:
+        """This rank's positions of the current epoch, from the first."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.grouping is not None:
+            return self.grouping.order(self.rank, self.world, g)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
         per_rank = -(-self.length // self.world)
         order += [PAD] * (per_rank * self.world - self.length)  # fewer than `world` padding positions
-        mine = order[self.rank :: self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int | None]:
+        self._refresh_rank()
+        mine = self._order()
         start, self.start = self.start, 0  # an offset applies to one pass only
         return iter(mine[start:])
 
