@@ -142,6 +142,7 @@ class LlavaDataModule(L.LightningDataModule):
         skip_window: int = 1000,
         missing_data_hint: str | None = None,
         uint8_pixels: bool = True,
+        pack_tokens: int | None = None,
         tokenizer: Any = None,
         image_settings: ImageSettings | None = None,
         stage: str | None = None,
@@ -170,6 +171,8 @@ class LlavaDataModule(L.LightningDataModule):
             missing_data_hint: Added to the error for missing data files: how to get them (e.g. the command
                 that generates them).
             uint8_pixels: Ship uint8 pixels from workers; the model normalizes them on its device.
+            pack_tokens: Pack each batch's samples into rows of this many tokens (first-fit decreasing, each
+                sample attending only to itself) instead of padding them to the longest; >= max_length.
             tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
             image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
             stage: The model's training stage (linked by the CLI); picks `train` / `val` when keyed by stage.
@@ -195,6 +198,12 @@ class LlavaDataModule(L.LightningDataModule):
         self.max_skip_ratio, self.skip_window = max_skip_ratio, skip_window
         self.missing_data_hint = missing_data_hint
         self.uint8_pixels = uint8_pixels
+        if pack_tokens is not None and pack_tokens < max_length:
+            raise ValueError(
+                f"data.pack_tokens ({pack_tokens}) must be >= data.max_length ({max_length}) so that every "
+                "sample fits in a packed row: raise pack_tokens or lower max_length"
+            )
+        self.pack_tokens = pack_tokens
         self._window: Counter[str] = Counter()  # samples (`seen`) and skips per reason since the last check
         self._window_batches = 0
         self.encoder: SampleEncoder | None = None
@@ -221,7 +230,7 @@ class LlavaDataModule(L.LightningDataModule):
             strict=self.strict,
             uint8_pixels=self.uint8_pixels,
         )
-        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id)
+        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id, pack_tokens=self.pack_tokens)
 
     def setup(self, stage: str | None = None) -> None:
         self.check_files(stage)
@@ -379,7 +388,8 @@ class LlavaDataModule(L.LightningDataModule):
         """Add a batch's kept and skipped samples to the epoch's counters and the skip window."""
         skipped = batch.get("skipped") or {}
         # Padding slots (which even out ranks) are counted under skipped/padding, not as samples seen.
-        seen = len(batch["input_ids"]) + sum(v for k, v in skipped.items() if k != PADDING)
+        kept = batch.get("num_samples", len(batch["input_ids"]))  # packed rows hold several samples
+        seen = kept + sum(v for k, v in skipped.items() if k != PADDING)
         self.seen += seen
         self.skipped.update(skipped)
         self._window["seen"] += seen
