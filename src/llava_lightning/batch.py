@@ -17,7 +17,8 @@ IGNORE_INDEX = -100
 
 
 class LlavaBatch(TypedDict):
-    """A training / validation batch (right-padded)."""
+    """A training / validation batch: right-padded, or packed (several samples per row, tail-padded;
+    then `position_ids` is present, see `data/packing.py`)."""
 
     input_ids: torch.Tensor
     """`[B, T]` token ids; each image is a run of image-token ids, one per image feature vector."""
@@ -34,6 +35,15 @@ class LlavaBatch(TypedDict):
     training loader's look-ahead, `data/step_tokens.py`)."""
     step_first: NotRequired[bool]
     """True on the first micro-batch of an optimizer step."""
+    position_ids: NotRequired[torch.Tensor]
+    """Packed batches: `[B, T]` positions restarting at 0 at each sample and at the tail padding."""
+    cu_seqlens: NotRequired[torch.Tensor]
+    """Packed batches: int32 `[S + 1]` cumulative lengths of the segments (samples and tail paddings) of
+    the rows laid end to end, for varlen attention kernels."""
+    max_seqlen: NotRequired[int]
+    """Packed batches: the longest segment of `cu_seqlens`."""
+    num_samples: NotRequired[int]
+    """Packed batches: samples in the batch (a row holds several)."""
 
 
 class PromptBatch(TypedDict):

@@ -193,13 +193,18 @@ class LlavaLitModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- steps
     def forward(self, batch: LlavaBatch, return_logits: bool = False):
         # A frozen vision tower runs under no_grad inside `LlavaModel` (through the root module's
-        # forward, which FSDP2 requires).
+        # forward, which FSDP2 requires). Packed rows pass no attention mask: the per-sample
+        # position_ids are what keeps their samples apart (model/packed_attention.py).
+        packed = "position_ids" in batch
         return self.model(
             batch["input_ids"],
-            batch["attention_mask"],
+            None if packed else batch["attention_mask"],
             batch.get("pixel_values"),
             batch["labels"],
+            position_ids=batch.get("position_ids"),
             return_logits=return_logits,
+            cu_seqlens=batch.get("cu_seqlens"),
+            max_seqlen=batch.get("max_seqlen"),
         )
 
     def training_step(self, batch: LlavaBatch, batch_idx: int) -> torch.Tensor:

@@ -145,6 +145,7 @@ class LlavaDataModule(L.LightningDataModule):
         uint8_pixels: bool = True,
         group_by_length: bool = False,
         group_megabatch: int = 50,
+        pack_tokens: int | None = None,
         tokenizer: Any = None,
         image_settings: ImageSettings | None = None,
         stage: str | None = None,
@@ -177,6 +178,8 @@ class LlavaDataModule(L.LightningDataModule):
                 (LLaVA's group_by_modality_length); one instruct training source only.
             group_megabatch: With group_by_length: steps (ranks x batch_size samples) sorted by length
                 together; larger pads less, capped at a quarter of the epoch.
+            pack_tokens: Pack each batch's samples into rows of this many tokens (first-fit decreasing, each
+                sample attending only to itself) instead of padding them to the longest; >= max_length.
             tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
             image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
             stage: The model's training stage (linked by the CLI); picks `train` / `val` when keyed by stage.
@@ -212,6 +215,12 @@ class LlavaDataModule(L.LightningDataModule):
         if group_megabatch < 1:
             raise ValueError(f"group_megabatch must be >= 1 step, got {group_megabatch}")
         self.group_by_length, self.group_megabatch = group_by_length, group_megabatch
+        if pack_tokens is not None and pack_tokens < max_length:
+            raise ValueError(
+                f"data.pack_tokens ({pack_tokens}) must be >= data.max_length ({max_length}) so that every "
+                "sample fits in a packed row: raise pack_tokens or lower max_length"
+            )
+        self.pack_tokens = pack_tokens
         self._window: Counter[str] = Counter()  # samples (`seen`) and skips per reason since the last check
         self._window_batches = 0
         self.encoder: SampleEncoder | None = None
@@ -238,7 +247,7 @@ class LlavaDataModule(L.LightningDataModule):
             strict=self.strict,
             uint8_pixels=self.uint8_pixels,
         )
-        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id)
+        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id, pack_tokens=self.pack_tokens)
 
     def setup(self, stage: str | None = None) -> None:
         self.check_files(stage)
@@ -406,7 +415,8 @@ class LlavaDataModule(L.LightningDataModule):
         """Add a batch's kept and skipped samples to the epoch's counters and the skip window."""
         skipped = batch.get("skipped") or {}
         # Padding slots (which even out ranks) are counted under skipped/padding, not as samples seen.
-        seen = len(batch["input_ids"]) + sum(v for k, v in skipped.items() if k != PADDING)
+        kept = batch.get("num_samples", len(batch["input_ids"]))  # packed rows hold several samples
+        seen = kept + sum(v for k, v in skipped.items() if k != PADDING)
         self.seen += seen
         self.skipped.update(skipped)
         self._window["seen"] += seen

@@ -10,6 +10,7 @@ import logging
 
 from torch import nn
 
+from .packed_attention import VARLEN, register_varlen_attention
 from .shapes import full_shape
 from .specs import LanguageSpec
 
@@ -51,15 +52,20 @@ def build_language_model(spec: LanguageSpec, load_weights: bool = True) -> tuple
 
     tokenizer = load_tokenizer(spec)
     image_token_id = add_image_token(tokenizer, spec.image_token, spec.pad_token)
+    kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation is not None:
+        if spec.attn_implementation == VARLEN:
+            register_varlen_attention()
+        kwargs["attn_implementation"] = spec.attn_implementation
     if spec.config is not None:
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type", "llama"), **cfg)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(config, **kwargs)
     elif not load_weights:
         config = AutoConfig.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(spec.name, **kwargs)
     vocab = full_shape(lm.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
         log.info("resizing %s embeddings %d -> %d (+ padding)", type(lm).__name__, vocab, len(tokenizer))

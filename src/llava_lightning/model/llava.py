@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from ..batch import supervised_mask
 from .language_model import build_language_model, decoder_block_class
+from .packed_attention import packed_lm_kwargs
 from .projector import build_projector
 from .shapes import full_shape
 from .specs import LlavaSpec
@@ -214,15 +215,24 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_logits: bool = True,
         vision_features: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         **lm_kwargs: Any,
     ) -> LlavaOutput:
         """Loss (mean over tokens with label != -100, next-token shifted) and logits.
 
         With `return_logits=False` and labels, the LM head runs only on supervised positions (the
         training path: image and prompt positions need no vocabulary projection).
+
+        Packed rows (several samples per row, `data/packing.py`): `position_ids` restarting at 0 at each
+        sample, `attention_mask=None`, and for varlen kernels `cu_seqlens` / `max_seqlen`; no token
+        attends across a sample boundary (`packed_attention.py`).
         """
         embeds = self.embed(input_ids, pixel_values, vision_features)
         lm = self.language_model
+        if position_ids is not None and attention_mask is None:
+            implementation = getattr(lm.config, "_attn_implementation", None)
+            lm_kwargs.update(packed_lm_kwargs(implementation, cu_seqlens, max_seqlen))
         shortcut = labels is not None and not return_logits and not _has_logit_postprocessing(lm.config)
         if not shortcut:
             out = lm(
@@ -255,7 +265,9 @@ def _cache_of(out) -> Any:
     if not hasattr(out, "get"):
         return None
     cache = out.get("cache")
-    return cache if cache is not None else out.get("past_key_values")
+    if cache is None and "past_key_values" in out.keys():  # an output class that kept the old name
+        cache = out["past_key_values"]
+    return cache
 
 
 def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):

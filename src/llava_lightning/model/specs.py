@@ -50,6 +50,10 @@ class LanguageSpec:
     """Pad token added when the tokenizer has none."""
     pad_vocab_to_multiple_of: int = 64
     """Round the resized embedding matrix up to this multiple (llava-hf uses 64)."""
+    attn_implementation: str | None = None
+    """Attention kernel of the language model: `sdpa`, `eager`, `flex_attention`, `flash_attention_2`
+    (needs the flash-attn package) or `llava_varlen` (torch's varlen kernel, CUDA); None: transformers'
+    default. Packed batches (`data.pack_tokens`) keep samples apart on each of these."""
     trust_remote_code: bool = False
     """Let transformers run code that the hub repository or folder of `name` / `tokenizer` names (off unless
     you trust it). Only you switch it on, never a checkpoint: on `--ckpt_path` this is the command line's
