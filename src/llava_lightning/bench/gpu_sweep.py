@@ -2,8 +2,9 @@
 
 One run per strategy: the real CLI (`python -m llava_lightning fit -c conf/stage2.yaml -c OVERLAY -c
 conf/strategy/<s>.yaml`) trains stage 2 (projector + LLM, frozen tower, gradient checkpointing) on
-synthetic-shapes data for a few steps, with the `StepThroughput` callback recording every
-step after a warm-up and appending one JSON line to a results file. `run_all` then prints a markdown
+synthetic-shapes data for a few steps, with the `StepThroughput` callback (`bench/throughput.py`: the
+training callback `LlavaThroughput` over the steps after a warm-up) appending one JSON line to a
+results file. `run_all` then prints a markdown
 table and writes it next to the results.
 
 Two modes share every line of that path:
@@ -20,7 +21,7 @@ Two modes share every line of that path:
 - `SMOKE`: the `tiny` preset on CPU in fp32, 3 steps, strategies ddp and fsdp2 (one process each):
   the same CLI, overlay, callback, results file and table, so the GPU script is not an untested stub.
 
-FLOPs come from `flops.LlavaFlops` (the count is documented there). Tests: `tests/gpu/`.
+FLOPs come from `training/flops.py` (`LlavaFlops`; the count is documented there). Tests: `tests/gpu/`.
 
     python -m llava_lightning.bench.gpu_sweep                   # GPU mode (--strategies fsdp2 fsdp ...)
     python -m llava_lightning.bench.gpu_sweep --smoke           # the tiny model on CPU
@@ -265,9 +266,10 @@ def table(mode: Mode, records: list[dict[str, Any]], runs: list[dict[str, Any]])
             )
             lines.append(f"| {run['strategy']} | {why} |||||||| {run['wall_s']:.0f} |")
             continue
+        mfu = _fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f")  # None: no peak known for the card
         lines.append(
             f"| {r['strategy']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} "
-            f"| {r['tflops_per_s_per_device']:.2f} | {100 * r['mfu']:.1f} | {r['peak_mem_gib']:.2f} "
+            f"| {r['tflops_per_s_per_device']:.2f} | {mfu} | {r['peak_mem_gib']:.2f} "
             f"| {_fmt(r['peak_reserved_gib'], '.2f')} | {100 * r['vision_projector_flops_share']:.1f}% "
             f"| {run['wall_s']:.0f} |"
         )

@@ -1,25 +1,16 @@
-"""`StepThroughput`: a callback that times training steps and records tokens/s, TFLOP/s, MFU and peak memory."""
+"""`StepThroughput`: the training callback `LlavaThroughput` that also writes the GPU sweep's record of a run."""
 
 from __future__ import annotations
 
 import json
 import resource
-import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
 
-from .flops import LlavaFlops, batch_stats
-
-# Dense (no sparsity) BF16 tensor-core peak of an H100 SXM5, per GPU: 989 TFLOP/s (NVIDIA H100
-# datasheet; the 1979 figure is with 2:4 sparsity). An H200 has the same compute (989 dense).
-# Set `peak_flops` on the callback to override.
-H100_BF16_DENSE_FLOPS = 989e12
-H100_PCIE_BF16_DENSE_FLOPS = 756e12  # H100 PCIe datasheet, dense bf16
+from ..training.throughput import LlavaThroughput
 
 
 def _matmul_flops_per_s(device: torch.device, n: int = 1024, repeat: int = 5) -> float:
@@ -32,101 +23,56 @@ def _matmul_flops_per_s(device: torch.device, n: int = 1024, repeat: int = 5) ->
     return 2 * n**3 * repeat / (time.perf_counter() - start)
 
 
-def _cuda_peak(device: torch.device) -> tuple[float, str]:
-    """Dense bf16 peak of the card: the H100/H200 datasheet figure, else Lightning's table."""
-    name = torch.cuda.get_device_name(device)
-    if "H100" in name and "PCIe" in name:
-        return H100_PCIE_BF16_DENSE_FLOPS, f"{name}: dense bf16 peak 756 TFLOP/s (H100 PCIe)"
-    if "H100" in name or "H200" in name:
-        return H100_BF16_DENSE_FLOPS, f"{name}: dense bf16 peak 989 TFLOP/s (H100/H200 SXM)"
-    from lightning.fabric.utilities.throughput import get_available_flops
+class StepThroughput(LlavaThroughput):
+    """`LlavaThroughput` over the steps after `warmup`, appending one JSON line with the run's figures
+    to `results` at the end of training.
 
-    flops = get_available_flops(device, torch.bfloat16)
-    return flops, f"{name}: Lightning's bf16 figure {flops / 1e12 if flops else 0:.0f} TFLOP/s"
-
-
-class StepThroughput(Callback):
-    """Times every training step after `warmup` and appends one JSON line with the run's figures to `results`.
-
-    Steps are timed end to end (data, forward, backward, optimizer) between consecutive
-    `on_train_batch_end` calls, after a CUDA synchronize. Tokens are attention-mask tokens (text +
-    image tokens, no padding), summed over ranks; FLOPs come from `LlavaFlops` per batch; rates go
-    through Lightning's `Throughput`. Peak memory is `torch.cuda.max_memory_allocated` (and
-    reserved) on CUDA, the process's peak RSS on CPU.
+    The rolling window spans the last `max_steps - warmup` steps, so every rate is over exactly the
+    timed steps (data, forward, backward, optimizer; a CUDA synchronize at each step end). Tokens are
+    attention-mask tokens (text + image tokens, no padding); FLOPs come from `LlavaFlops` per batch;
+    rank 0's batches stand for every rank's. The MFU peak is `peak_flops`, else the device's dense
+    figure for the run's compute dtype (`LlavaThroughput`), else, on CPU, a measured fp32 matmul rate.
+    Peak memory is `torch.cuda.max_memory_allocated` (and reserved) on CUDA, the process's peak RSS on CPU.
     """
 
     def __init__(self, results: str, label: str, warmup: int = 5, peak_flops: float | None = None):
         if warmup < 1:
             raise ValueError("warmup must be >= 1 (the first step holds allocation and kernel selection)")
+        super().__init__(peak_flops=peak_flops, prog_bar=False)
         self.results, self.label, self.warmup = Path(results), label, warmup
-        self.peak_flops = peak_flops
-        self.peak_source = "given" if peak_flops else None
-        self._pending: dict[str, Any] | None = None
         self._steps = 0
-        self._times: list[float] = []
-        self._totals = {"samples": 0, "tokens": 0, "flops": 0, "padded": 0, "vision": 0, "projector": 0}
-        self._throughput: Throughput | None = None
-        self._t0 = self._last = 0.0
+        self._totals = {"tokens": 0, "padded": 0, "flops": 0, "vision": 0, "projector": 0}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # Runs before the strategy shards or partitions parameters, so shapes and counts are whole.
-        model = pl_module.model
-        self.flops = LlavaFlops.from_model(model)
-        device = trainer.strategy.root_device
-        if self.peak_flops is None:
-            if device.type == "cuda":
-                self.peak_flops, self.peak_source = _cuda_peak(device)
-            else:
-                self.peak_flops = _matmul_flops_per_s(device)
-                self.peak_source = "measured fp32 1024^3 matmul on this CPU"
         if trainer.max_steps < self.warmup + 2:
             raise ValueError(f"trainer.max_steps must be >= warmup + 2 = {self.warmup + 2}")
-        self._throughput = Throughput(
-            available_flops=self.peak_flops,
-            world_size=trainer.world_size,
-            window_size=trainer.max_steps - self.warmup + 1,
-        )
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        stats = batch_stats(batch)
-        flops = self.flops.batch_flops(stats["seq_lens"], stats["n_images"], stats["n_supervised"])
-        self._pending = {
-            "samples": stats["samples"],
-            "tokens": sum(stats["seq_lens"]),
-            "padded": stats["padded"],
-            **{k: flops[k] for k in ("vision", "projector")},
-            "flops": flops["total"],
-        }
-
-    def _sync(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "StepThroughput times one micro-batch per step: set accumulate_grad_batches to 1"
+            )
+        self.kwargs["window_size"] = trainer.max_steps - self.warmup + 1  # the warm-up's last step .. the end
+        device = trainer.strategy.root_device
+        measured = self.peak_flops is None and device.type != "cuda"
+        if measured:
+            self.peak_flops = _matmul_flops_per_s(device)
+        super().setup(trainer, pl_module, stage)
+        if measured:
+            self.peak_source = "measured fp32 1024^3 matmul on this CPU"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        device = trainer.strategy.root_device
-        self._sync(device)
-        now = time.perf_counter()
-        keys = list(self._pending)
-        local = torch.tensor([self._pending[k] for k in keys], dtype=torch.float64, device=device)
-        summed = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
-        step = dict(zip(keys, summed.tolist()))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._steps += 1
-        if self._steps == self.warmup:
-            self._t0 = now
-            self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
-        elif self._steps > self.warmup:
-            self._times.append(now - self._last)
-            for k in self._totals:
-                self._totals[k] += int(step[k])
-            n = trainer.world_size
-            self._throughput.update(
-                time=now - self._t0,
-                batches=self._steps - self.warmup,
-                samples=self._totals["samples"] // n,
-                lengths=self._totals["tokens"] // n,
-                flops=step["flops"] / n,
-            )
-        self._last = now
+        if self._steps <= self.warmup or not trainer.is_global_zero or self.last_batch is None:
+            return
+        stats, flops = self.last_batch["stats"], self.last_batch["flops"] or {}
+        for key, value in (
+            ("tokens", sum(stats["seq_lens"])),
+            ("padded", stats["padded"]),
+            ("flops", flops.get("total", 0)),
+            ("vision", flops.get("vision", 0)),
+            ("projector", flops.get("projector", 0)),
+        ):
+            self._totals[key] += value * trainer.world_size
 
     def on_train_end(self, trainer, pl_module) -> None:
         device = trainer.strategy.root_device
@@ -140,36 +86,39 @@ class StepThroughput(Callback):
             device_name = "cpu"
         if not trainer.is_global_zero:
             return
-        if len(self._times) < 2:
+        m = self._throughputs[RunningStage.TRAINING].compute()
+        timed = self._steps - self.warmup
+        if timed < 2 or "device/items_per_sec" not in m:
             raise RuntimeError(
                 f"{self.label}: {self._steps} steps, fewer than warmup {self.warmup} + 2 timed"
             )
-        m = self._throughput.compute()
         world = trainer.world_size
+        extra = self.extra_metrics(trainer, RunningStage.TRAINING)
         record = {
             "strategy": self.label,
             "strategy_class": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
             "device": device_name,
             "world_size": world,
-            "timed_steps": len(self._times),
+            "timed_steps": timed,
             "warmup_steps": self.warmup,
             "tokens_per_s": m["device/items_per_sec"] * world,
+            "padded_tokens_per_s": extra["device/padded_items_per_sec"] * world,
             "samples_per_s": m["device/samples_per_sec"] * world,
             "tflops_per_s_per_device": m["device/flops_per_sec"] / 1e12,
-            "mfu": m["device/mfu"],
-            "peak_flops": self.peak_flops,
+            "mfu": m.get("device/mfu"),  # None: no peak known for the device
+            "peak_flops": self.available_flops,
             "peak_source": self.peak_source,
-            "step_time_s": statistics.median(self._times),
+            "step_time_s": 1 / m["device/batches_per_sec"],
             "peak_mem_gib": peak,
             "peak_reserved_gib": reserved,
             "peak_mem_kind": "torch.cuda.max_memory_allocated" if reserved is not None else "peak RSS",
-            "tokens_per_step": self._totals["tokens"] / len(self._times),
+            "tokens_per_step": self._totals["tokens"] / timed,
             "padding_fraction": 1 - self._totals["tokens"] / max(1, self._totals["padded"]),
-            "flops_per_step": self._totals["flops"] / len(self._times),
+            "flops_per_step": self._totals["flops"] / timed,
             "vision_projector_flops_share": (self._totals["vision"] + self._totals["projector"])
             / max(1, self._totals["flops"]),
-            "params": self.flops.params,
+            "params": self.flop_model.params if self.flop_model is not None else {},
             "torch": torch.__version__,
         }
         self.results.parent.mkdir(parents=True, exist_ok=True)
