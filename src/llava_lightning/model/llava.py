@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from ..batch import supervised_mask
 from .language_model import build_language_model, decoder_block_class
+from .linear_ce import CE_CHUNK_ROWS, linear_cross_entropy
 from .projector import build_projector
 from .shapes import full_shape
 from .specs import LlavaSpec
@@ -258,13 +259,23 @@ def _cache_of(out) -> Any:
     return cache if cache is not None else out.get("past_key_values")
 
 
-def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
-    """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`."""
+def _shifted_ce(
+    states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None, chunk: int = CE_CHUNK_ROWS
+):
+    """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`.
+
+    Runs `chunk` supervised rows at a time (`linear_ce.py`): no fp32 `[rows, vocab]` tensor at once.
+    """
     targets = labels[:, 1:]
     mask = supervised_mask(labels)
     picked = states[:, :-1][mask]
+    targets = targets[mask]
     if head is not None:
-        picked = head(picked)
-    loss_sum = F.cross_entropy(picked.float(), targets[mask], reduction="sum")
+        loss_sum = linear_cross_entropy(picked, head, targets, chunk)
+    else:
+        loss_sum = picked.new_zeros((), dtype=torch.float32)
+        for start in range(0, picked.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            loss_sum = loss_sum + F.cross_entropy(picked[rows].float(), targets[rows], reduction="sum")
     count = mask.sum()
     return loss_sum / count.clamp(min=1), loss_sum, count

