@@ -1,14 +1,18 @@
 """The lean training step: chunked LM-head cross-entropy, no host-device sync, per-component activation
 checkpointing, compiled blocks, fused AdamW and loader settings, each checked against the plain path."""
 
+import traceback
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import image_batch, sample_ids
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_lightning import LlavaModel
 from llava_lightning.batch import supervised_mask
+from llava_lightning.data.collate import LlavaCollator
 from llava_lightning.model.linear_ce import linear_cross_entropy
 from llava_lightning.model.llava import _shifted_ce
 
@@ -77,7 +81,7 @@ def test_chunked_head_ce_equals_the_unchunked_loss_and_gradients(tiny, chunk):
     ref_loss, ref_grads = _reference_ce(tiny, batch)
     tiny.zero_grad(set_to_none=True)
     head = tiny.language_model.get_output_embeddings()
-    loss, loss_sum, count = _shifted_ce(_hidden(tiny, batch), batch["labels"], head, chunk)
+    loss, loss_sum, count = _shifted_ce(_hidden(tiny, batch), batch["labels"], head, chunk=chunk)
     loss_sum.backward()
     assert int(count) == n
     torch.testing.assert_close(loss_sum.detach(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -143,3 +147,115 @@ def test_chunked_ce_under_bf16_autocast_matches_the_module_within_bf16_rounding(
         assert g.dtype == w.dtype == torch.float32
         # bf16 keeps 8 significant bits (2^-8 = 0.4%): the matmuls round their inputs alike.
         assert (g - w).abs().max() <= 1e-2 * w.abs().max()
+
+
+# ----------------------------------------------------------------------------- 2. no host-device sync
+
+aten = torch.ops.aten
+# Ops whose result the host must wait for: data-dependent shapes or a value read back.
+SYNC_OPS = {
+    aten.nonzero.default,
+    aten._local_scalar_dense.default,  # .item(), int(t), bool(t)
+    aten.is_nonzero.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+    # A tensor made from host data (`torch.tensor(...)`): on an accelerator, a blocking copy to it.
+    aten.lift_fresh.default,
+}
+
+
+class SyncFinder(TorchDispatchMode):
+    """Records every op that synchronizes the host with the device (boolean-mask indexing included:
+    it runs `nonzero` inside the kernel, out of this mode's sight), with where it was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits: list[tuple[str, list[str]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()
+        )
+        if func in SYNC_OPS or bool_index:
+            stack = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]]
+            self.hits.append((str(func), [f for f in stack if "/torch/" not in f]))
+        return func(*args, **(kwargs or {}))
+
+
+def _collated(model, image_token_id):
+    samples = []
+    for images, text in [(1, 12), (2, 20), (0, 5)]:
+        ids = sample_ids(model, images, text)
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100
+        labels[ids == model.image_token_id] = -100
+        size = model.vision_tower.image_size
+        pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8)  # as the loaders ship them
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return LlavaCollator(0, image_token_id=image_token_id)(samples)
+
+
+def _step(module, batch):
+    """A training step's forward + loss + backward through `LlavaLitModule.forward`."""
+    module.zero_grad(set_to_none=True)
+    out = module(batch)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), _grads(module.model)
+
+
+@pytest.fixture(scope="module")
+def lit():
+    from llava_lightning.module import LlavaLitModule
+
+    torch.manual_seed(0)
+    return LlavaLitModule(preset="tiny", stage="full").train()  # everything trains: the tower's backward too
+
+
+def test_the_collator_gives_the_positions_the_model_would_find(lit):
+    model = lit.model
+    batch = _collated(model, model.image_token_id)
+    ids, labels = batch["input_ids"], batch["labels"]
+    flat_ids = ids.reshape(-1)
+    assert (flat_ids[batch["image_positions"]] == model.image_token_id).all()
+    assert batch["image_positions"].numel() == int((ids == model.image_token_id).sum())
+    assert batch["image_positions"].tolist() == sorted(batch["image_positions"].tolist())  # image order
+    positions = batch["supervised_positions"]
+    torch.testing.assert_close(labels.reshape(-1)[positions + 1], labels[:, 1:][supervised_mask(labels)])
+    assert (positions % ids.shape[1] < ids.shape[1] - 1).all()  # never a row's last position
+    assert set(_collated(model, None)) == {"input_ids", "attention_mask", "labels", "pixel_values", "skipped"}
+
+
+MASKING = "transformers/masking_utils.py"
+
+
+def _outside_masking(hits):
+    return [(op, stack[-3:]) for op, stack in hits if not any(MASKING in f for f in stack)]
+
+
+def test_a_training_step_with_the_collators_positions_needs_no_host_sync(lit):
+    """Forward, loss and backward of `LlavaLitModule.forward` sync nowhere but in transformers' own
+    attention-mask construction (it reads whether the padding mask is all ones, or without one whether
+    position_ids restart), which the attention-mask work of the lean step replaces."""
+    batch = _collated(lit.model, lit.model.image_token_id)
+    ref_loss, ref_grads = _step(lit, {k: v for k, v in batch.items() if not k.endswith("_positions")})
+    for attention_mask in (batch["attention_mask"], None):  # right padding: causal alone is exact
+        with SyncFinder() as finder:
+            loss, grads = _step(lit, {**batch, "attention_mask": attention_mask})
+        assert finder.hits, "transformers' mask construction reads a mask value on the host"
+        assert _outside_masking(finder.hits) == []
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        assert_grads_close(grads, ref_grads, rel=1e-6)
+
+
+def test_without_the_positions_the_finder_sees_the_models_own_lookups(lit):
+    """The finder is not blind: the notebook path (no collator keys) finds positions with `nonzero`."""
+    batch = _collated(lit.model, None)
+    with SyncFinder() as finder:
+        _step(lit, batch)
+    outside = _outside_masking(finder.hits)
+    assert [op for op, _ in outside] == ["aten.nonzero.default"] * 2
+    assert all(any("llava_lightning/batch.py" in f for f in stack) for _, stack in outside)

@@ -193,13 +193,15 @@ class LlavaLitModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- steps
     def forward(self, batch: LlavaBatch, return_logits: bool = False):
         # A frozen vision tower runs under no_grad inside `LlavaModel` (through the root module's
-        # forward, which FSDP2 requires).
+        # forward, which FSDP2 requires). The collator's positions keep the step free of host syncs.
         return self.model(
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("pixel_values"),
             batch["labels"],
             return_logits=return_logits,
+            image_positions=batch.get("image_positions"),
+            supervised_positions=batch.get("supervised_positions"),
         )
 
     def training_step(self, batch: LlavaBatch, batch_idx: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from .prompts import PromptDataset, collate_prompts
 from .sample import PADDING, SampleEncoder
 from .sampler import EpochSampler, ResumableDataLoader
 from .step_tokens import StepTokenLoader
+from .templates import IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,9 @@ class LlavaDataModule(L.LightningDataModule):
             strict=self.strict,
             uint8_pixels=self.uint8_pixels,
         )
-        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id)
+        self.collator = LlavaCollator(
+            pad_token_id=tokenizer.pad_token_id, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE)
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.check_files(stage)
