@@ -259,3 +259,101 @@ def test_without_the_positions_the_finder_sees_the_models_own_lookups(lit):
     outside = _outside_masking(finder.hits)
     assert [op for op, _ in outside] == ["aten.nonzero.default"] * 2
     assert all(any("llava_lightning/batch.py" in f for f in stack) for _, stack in outside)
+
+
+# ----------------------------------------------------------------------------- 3. checkpointing per component
+
+
+def _block_calls(model):
+    """Counts, per declared block, the calls of its first child: a checkpointed block's forward runs
+    again in backward (the block's own hooks sit outside the checkpoint, so count inside it)."""
+    counts = {}
+    for component, cls in model.block_classes().items():
+        blocks = [m for m in getattr(model, component).modules() if isinstance(m, cls)]
+        counts[component] = [0] * len(blocks)
+        for i, block in enumerate(blocks):
+            child = next(iter(block.children()))
+
+            def hook(*_, key=component, index=i):
+                counts[key][index] += 1
+
+            child.register_forward_hook(hook)
+    return counts
+
+
+def _train_step_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch, return_logits=False).loss.backward()
+    return _grads(model)
+
+
+@pytest.mark.parametrize(
+    ("preset", "vision", "language"),
+    [("tiny", 2, 3), ("tiny-timm", 2, "every"), ("tiny-timm", "every", "none")],
+)
+def test_every_kth_block_recomputes_in_backward_with_unchanged_gradients(preset, vision, language):
+    import copy
+
+    from llava_lightning.training import stages
+    from llava_lightning.training.settings import CheckpointingConfig, every_k
+
+    torch.manual_seed(0)
+    model = LlavaModel.from_preset(preset).train()
+    stages.apply_stage(model, "full")
+    batch = _batch(model)
+    plain = copy.deepcopy(model)
+    stages.apply_stage(model, "full", checkpointing=CheckpointingConfig(vision=vision, language=language))
+    counts = _block_calls(model)
+    grads = _train_step_grads(model, batch)
+
+    def expected(k, blocks, run):  # the 1st, (k+1)-th, ... block runs twice; blocks past `run` never
+        return [(2 if k and i % k == 0 else 1) if i < run else 0 for i in range(blocks)]
+
+    tower = model.vision_tower
+    assert counts["vision_tower"] == expected(every_k(vision), len(tower.blocks()), tower.blocks_run)
+    assert counts["language_model"] == expected(every_k(language), 4, 4)
+    assert_grads_close(grads, _train_step_grads(plain, batch), rel=1e-6)
+    with torch.no_grad():  # nothing to recompute without a backward
+        counts = _block_calls(model)
+        model(**batch)
+        assert set(counts["language_model"]) == {1}
+
+
+def test_gradient_checkpointing_true_still_means_every_trained_block_and_choices_override_it():
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.settings import CheckpointingConfig
+
+    def flags(module):
+        layers = module.model.language_model.model.layers
+        return [layer.gradient_checkpointing for layer in layers], [
+            getattr(b, "gradient_checkpointing", False) for b in module.model.vision_tower.blocks()
+        ]
+
+    every = LlavaLitModule(preset="tiny", stage="finetune", gradient_checkpointing=True)
+    assert flags(every) == ([True] * 4, [False] * 4)  # the frozen tower: nothing to recompute
+    chosen = LlavaLitModule(
+        preset="tiny",
+        stage="full",
+        gradient_checkpointing=True,
+        activation_checkpointing=CheckpointingConfig(language=2, vision="none"),
+    )
+    assert flags(chosen) == ([True, False, True, False], [False] * 4)
+    with pytest.raises(
+        ValueError, match=r"activation_checkpointing.vision must be 'none', 'every' or an int"
+    ):
+        CheckpointingConfig(vision=0)
+
+
+def test_the_checkpointing_choices_are_cli_flags(capsys):
+    import yaml
+    from conftest import REPO
+
+    from llava_lightning.cli import main
+
+    conf = REPO / "conf"
+    args = ["fit", "-c", str(conf / "stage2.yaml"), "-c", str(conf / "tiny.yaml")]
+    flags = ["--model.activation_checkpointing.language=2", "--model.activation_checkpointing.vision=every"]
+    with pytest.raises(SystemExit):
+        main([*args, *flags, "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["activation_checkpointing"] == {"vision": "every", "language": 2}

@@ -27,16 +27,18 @@ from .training.epoch_end_resume import epoch_end_as_last_batch
 from .training.model_build import ModelBuilder, is_skeleton
 from .training.optimizer import configure_optimizers
 from .training.scaling_hooks import ScalingHooks
-from .training.settings import LoraConfig, OptimConfig
+from .training.settings import CheckpointingConfig, LoraConfig, OptimConfig
 from .training.stages import Stage
 from .training.token_mean import StepTokenCount, token_mean_scale
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LlavaLitModule", "LoraConfig", "OptimConfig", "Stage"]
+__all__ = ["CheckpointingConfig", "LlavaLitModule", "LoraConfig", "OptimConfig", "Stage"]
 
 # Checkpoints store these in `hyper_parameters`; allow them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig])
+torch.serialization.add_safe_globals(
+    [LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig, CheckpointingConfig]
+)
 
 
 class LlavaLitModule(L.LightningModule):
@@ -51,6 +53,7 @@ class LlavaLitModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (a frozen-by-convention default jsonargparse can show)
         lora: LoraConfig = LoraConfig(),  # noqa: B008
         gradient_checkpointing: bool = False,
+        activation_checkpointing: CheckpointingConfig = CheckpointingConfig(),  # noqa: B008
         init_projector: str | None = None,
         projector_artifact: str | None = "projector",
         template: str = "vicuna_v1",
@@ -67,6 +70,8 @@ class LlavaLitModule(L.LightningModule):
             optim: Optimizer and schedule settings.
             lora: LoRA settings (stage lora).
             gradient_checkpointing: Recompute activations of the trained transformer blocks in backward.
+            activation_checkpointing: Per component (vision, language): none, every block or every k-th
+                block; a component left unset follows `gradient_checkpointing`.
             init_projector: Projector weights to start from (our .safetensors artifact or LLaVA's mm_projector.bin).
             projector_artifact: At the end of `align`, write `<name>.safetensors` + `<name>.json` into the
                 run's log directory (None: do not).
@@ -88,6 +93,7 @@ class LlavaLitModule(L.LightningModule):
         self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
         self.optim, self.lora_config = optim, lora
         self.gradient_checkpointing = gradient_checkpointing
+        self.activation_checkpointing = activation_checkpointing
         self.init_projector, self.projector_artifact = init_projector, projector_artifact
         self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
         self.sharded_init = sharded_init
@@ -149,12 +155,15 @@ class LlavaLitModule(L.LightningModule):
             self.unfreeze_vision_blocks,
             self.lora_config,
             self.gradient_checkpointing,
+            self.activation_checkpointing,
         )
 
     def enable_block_checkpointing(self) -> None:
-        """Turn on activation checkpointing of every trained declared block (as `gradient_checkpointing=True`)."""
+        """Turn on activation checkpointing of the trained declared blocks (as `gradient_checkpointing=True`:
+        every block of a component whose `activation_checkpointing` choice is unset)."""
         self.gradient_checkpointing = True
-        stages.enable_block_checkpointing(self.model)
+        every = self.activation_checkpointing.every(True)
+        stages.enable_block_checkpointing(self.model, every["vision_tower"], every["language_model"])
 
     def scaling_hooks(self) -> ScalingHooks:
         """What our strategy classes read from this module (training/scaling_hooks.py)."""
