@@ -344,7 +344,7 @@ def test_gradient_checkpointing_true_still_means_every_trained_block_and_choices
         CheckpointingConfig(vision=0)
 
 
-def test_the_checkpointing_choices_are_cli_flags(capsys):
+def test_the_checkpointing_choices_and_compile_are_cli_flags(capsys):
     import yaml
     from conftest import REPO
 
@@ -354,6 +354,89 @@ def test_the_checkpointing_choices_are_cli_flags(capsys):
     args = ["fit", "-c", str(conf / "stage2.yaml"), "-c", str(conf / "tiny.yaml")]
     flags = ["--model.activation_checkpointing.language=2", "--model.activation_checkpointing.vision=every"]
     with pytest.raises(SystemExit):
-        main([*args, *flags, "--print_config"])
+        main([*args, *flags, "--model.compile=true", "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["activation_checkpointing"] == {"vision": "every", "language": 2}
+    assert model["compile"] is True
+
+
+# ----------------------------------------------------------------------------- 4. compiled blocks
+
+
+def test_every_declared_block_compiles_as_one_graph_and_the_step_is_unchanged():
+    """fullgraph=True raises on any graph break; `aot_eager` traces forward and backward as inductor
+    would, without its CPU code generation (too slow for the suite: see the inductor test below)."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llava_lightning.training import stages
+    from llava_lightning.training.compile import compile_blocks, declared_blocks, is_compiled
+    from llava_lightning.training.settings import CheckpointingConfig
+
+    torch.manual_seed(0)
+    model = LlavaModel.from_preset("tiny").train()
+    stages.apply_stage(model, "full", checkpointing=CheckpointingConfig(vision=2, language=2))
+    batch = _batch(model)
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model, fullgraph=True, backend="aot_eager") == len(declared_blocks(model))
+    assert all(is_compiled(b) for b in declared_blocks(model))
+    assert compile_blocks(model, fullgraph=True, backend="aot_eager") == 0  # once only
+    grads = _train_step_grads(model, batch)
+    assert dict(counters["graph_break"]) == {}
+    # One graph per block class and checkpointing setting (CLIP and Llama, checkpointed or not).
+    assert counters["stats"]["unique_graphs"] == 4
+    ref = _train_step_grads(eager, batch)
+    torch.testing.assert_close(
+        model(**batch, return_logits=False).loss,
+        eager(**batch, return_logits=False).loss,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert_grads_close(grads, ref, rel=1e-5)
+    copied = copy.deepcopy(model)  # a copy's compiled blocks run its own weights
+    layer = copied.language_model.model.layers[0]
+    assert layer.forward.__self__ is layer
+
+
+def test_an_inductor_compiled_decoder_layer_gives_the_eager_loss_and_gradients():
+    """Inductor's CPU code for one block (compiling all of them takes minutes on a small CPU)."""
+    import copy
+
+    import torch._dynamo
+
+    from llava_lightning.training.compile import compile_modules
+
+    torch.manual_seed(0)
+    model = LlavaModel.from_preset("tiny").train()
+    batch = _batch(model)
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    assert compile_modules([model.language_model.model.layers[1]], fullgraph=True) == 1
+    grads = _train_step_grads(model, batch)
+    loss = model(**batch, return_logits=False).loss
+    torch.testing.assert_close(loss, eager(**batch, return_logits=False).loss, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, _train_step_grads(eager, batch), rel=1e-5)
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_configure_model_compiles_the_blocks_before_fsdp2_shards_them(monkeypatch, compile_):
+    from types import SimpleNamespace
+
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.compile import declared_blocks, is_compiled
+    from llava_lightning.training.fsdp2 import FSDP2Strategy
+
+    strategy = FSDP2Strategy()
+    seen = []
+    monkeypatch.setattr(
+        strategy, "shard", lambda model: seen.append([is_compiled(b) for b in declared_blocks(model)])
+    )
+    module = LlavaLitModule(preset="tiny", stage="finetune", compile=compile_)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.configure_model()
+    module.configure_model()  # Lightning calls it again for each trainer function: nothing twice
+    assert seen == [[compile_] * len(declared_blocks(module.model))]

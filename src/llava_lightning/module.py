@@ -60,6 +60,7 @@ class LlavaLitModule(L.LightningModule):
         image_aspect: Literal["square", "pad"] = "pad",
         max_new_tokens: int = 64,
         sharded_init: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -83,6 +84,8 @@ class LlavaLitModule(L.LightningModule):
             sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
                 it is sharded (FSDP2, FSDP, DeepSpeed ZeRO-3), so no rank but 0 holds the full model;
                 other strategies build it in full on every rank.
+            compile: `torch.compile` each vision block and LLM decoder layer (their forward, once the
+                trainer sets the model up, before a strategy shards or wraps it).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +100,7 @@ class LlavaLitModule(L.LightningModule):
         self.init_projector, self.projector_artifact = init_projector, projector_artifact
         self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
         self.sharded_init = sharded_init
+        self.compile_blocks = compile
         if sharded_init and stage == "lora":
             raise ValueError("sharded_init does not support stage 'lora' (peft wraps a materialized model)")
         self.builder = ModelBuilder(self.spec, init_projector, self.apply_stage)
