@@ -440,3 +440,80 @@ def test_configure_model_compiles_the_blocks_before_fsdp2_shards_them(monkeypatc
     module.configure_model()
     module.configure_model()  # Lightning calls it again for each trainer function: nothing twice
     assert seen == [[compile_] * len(declared_blocks(module.model))]
+
+
+# ----------------------------------------------------------------------------- 5. fused AdamW, loaders
+
+
+def test_adamw_runs_fused_on_cuda_and_foreach_elsewhere():
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.optimizer import adamw_kernel
+
+    def on(kind):
+        return [{"params": [SimpleNamespace(device=torch.device(kind))] * 2}]
+
+    assert adamw_kernel(on("cuda")) == {"fused": True}
+    assert adamw_kernel(on("cpu")) == {"foreach": True}
+    assert adamw_kernel(on("cuda") + on("cpu")) == {"foreach": True}  # one step, one device kind
+    lit = LlavaLitModule(preset="tiny", stage="finetune")
+    lit.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    optimizer = lit.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+
+
+def _instruct(shapes_dir):
+    from llava_lightning.data import SourceConfig
+
+    root = shapes_dir / "instruct"
+    return SourceConfig(kind="instruct", path=str(root / "llava_instruct.json"), image_root=str(root))
+
+
+def test_loaders_keep_workers_only_where_the_epoch_lives_in_this_process(shapes_dir):
+    from llava_lightning.data import LlavaDataModule, SourceConfig
+
+    model = LlavaModel.from_preset("tiny")
+    shards = SourceConfig(kind="captions", path=str(shapes_dir / "captions" / "shard-{00000..00001}.tar"))
+    for workers in (0, 2):
+        dm = LlavaDataModule(train=[_instruct(shapes_dir)], val=[shards], batch_size=4, num_workers=workers)
+        dm.connect(model)
+        train, val = dm.train_dataloader().loader, dm.val_dataloader()
+        assert train.persistent_workers is (workers > 0)  # map-style: the sampler holds epoch and offset
+        assert val.persistent_workers is False  # streamed: each worker's copy holds the epoch
+        assert train.pin_memory is val.pin_memory is torch.cuda.is_available()  # no trainer: CUDA or not
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """Yields its epoch: what a streamed source's worker copies see."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.id == 0:
+            yield self.epoch
+
+
+def test_persistent_workers_would_miss_a_streamed_sources_set_epoch():
+    """Why streamed sources keep no workers: set_epoch reaches the copies of a new pass only."""
+    stream = _EpochStream()
+    loader = torch.utils.data.DataLoader(stream, num_workers=2, persistent_workers=True, batch_size=None)
+    assert list(loader) == [0]
+    stream.set_epoch(1)
+    assert list(loader) == [0]  # the workers' copies kept epoch 0
+    fresh = torch.utils.data.DataLoader(stream, num_workers=2, batch_size=None)
+    assert list(fresh) == [1]
+
+
+def test_mid_epoch_resume_with_persistent_workers_gives_the_uninterrupted_run(shapes_dir, tmp_path):
+    """The instruct source with 2 (now persistent) workers: 3 epochs, resumed in epoch 1's middle."""
+    from test_resume import test_resume_from_the_first_middle_and_last_batch_of_an_epoch as resume_test
+
+    resume_test(shapes_dir, tmp_path, False, 16, 2, 1.0, 1, [5])

@@ -307,17 +307,27 @@ class LlavaDataModule(L.LightningDataModule):
         else:
             dataset = datasets[0]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        common = {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collator}
+        device = self.trainer.strategy.root_device.type if self.trainer is not None else None
+        common = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self.collator,
+            # Page-locked batches copy to the GPU asynchronously (Lightning moves them non-blocking).
+            "pin_memory": device == "cuda" if device else torch.cuda.is_available(),
+        }
         if isinstance(dataset, IterableDataset):
+            # No persistent workers: each worker holds its own copy of a streamed dataset, made when the
+            # pass starts, and `set_epoch` / a resume offset reach only the copies of the next pass.
             dataset.set_epoch(epoch)
             if train:
                 self._iterables.append(dataset)
             if getattr(dataset, "resumable", False):  # a mixture of map-style sources
                 return ResumableDataLoader(dataset, **common)
             return DataLoader(dataset, **common)
+        # Map-style: epoch and resume offset live in the sampler, in this process, so workers may persist.
         sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
         sampler.set_epoch(epoch)
-        return ResumableDataLoader(dataset, sampler, **common)
+        return ResumableDataLoader(dataset, sampler, persistent_workers=self.num_workers > 0, **common)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell streamed training sources the epoch (samplers get it from Lightning itself)."""
