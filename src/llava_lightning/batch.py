@@ -44,6 +44,10 @@ class LlavaBatch(TypedDict):
     """Packed batches: the longest segment of `cu_seqlens`."""
     num_samples: NotRequired[int]
     """Packed batches: samples in the batch (a row holds several)."""
+    image_positions: NotRequired[torch.Tensor]
+    """`[I]` flat positions (row-major in `[B, T]`) of the image-token ids, in order; I is the image-token count."""
+    supervised_positions: NotRequired[torch.Tensor]
+    """`[S]` flat positions `b * T + t` whose next token the loss scores (`labels[b, t + 1] != IGNORE_INDEX`)."""
 
 
 class PromptBatch(TypedDict):
@@ -60,6 +64,19 @@ class PromptBatch(TypedDict):
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     """`[B, T-1]` positions the shifted next-token loss scores: position t predicts `labels[:, t+1]`."""
     return labels[:, 1:] != IGNORE_INDEX
+
+
+def flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    """`[K]` row-major flat positions of the True entries of `mask` (a host sync on an accelerator:
+    the collator computes the batch's positions on the CPU; the model only when they are not given)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`[S]` flat positions `b * T + t` of a `[B, T]` batch whose next token the loss scores."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = supervised_mask(labels)
+    return flat_positions(scored)
 
 
 def count_supervised(batch: Any) -> int:

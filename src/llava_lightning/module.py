@@ -27,16 +27,18 @@ from .training.epoch_end_resume import epoch_end_as_last_batch
 from .training.model_build import ModelBuilder, is_skeleton
 from .training.optimizer import configure_optimizers
 from .training.scaling_hooks import ScalingHooks
-from .training.settings import LoraConfig, OptimConfig
+from .training.settings import CheckpointingConfig, LoraConfig, OptimConfig
 from .training.stages import Stage
 from .training.token_mean import StepTokenCount, token_mean_scale
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LlavaLitModule", "LoraConfig", "OptimConfig", "Stage"]
+__all__ = ["CheckpointingConfig", "LlavaLitModule", "LoraConfig", "OptimConfig", "Stage"]
 
 # Checkpoints store these in `hyper_parameters`; allow them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig])
+torch.serialization.add_safe_globals(
+    [LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig, CheckpointingConfig]
+)
 
 
 class LlavaLitModule(L.LightningModule):
@@ -51,12 +53,14 @@ class LlavaLitModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (a frozen-by-convention default jsonargparse can show)
         lora: LoraConfig = LoraConfig(),  # noqa: B008
         gradient_checkpointing: bool = False,
+        activation_checkpointing: CheckpointingConfig = CheckpointingConfig(),  # noqa: B008
         init_projector: str | None = None,
         projector_artifact: str | None = "projector",
         template: str = "vicuna_v1",
         image_aspect: Literal["square", "pad"] = "pad",
         max_new_tokens: int = 64,
         sharded_init: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -67,6 +71,8 @@ class LlavaLitModule(L.LightningModule):
             optim: Optimizer and schedule settings.
             lora: LoRA settings (stage lora).
             gradient_checkpointing: Recompute activations of the trained transformer blocks in backward.
+            activation_checkpointing: Per component (vision, language): none, every block or every k-th
+                block; a component left unset follows `gradient_checkpointing`.
             init_projector: Projector weights to start from (our .safetensors artifact or LLaVA's mm_projector.bin).
             projector_artifact: At the end of `align`, write `<name>.safetensors` + `<name>.json` into the
                 run's log directory (None: do not).
@@ -78,6 +84,8 @@ class LlavaLitModule(L.LightningModule):
             sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
                 it is sharded (FSDP2, FSDP, DeepSpeed ZeRO-3), so no rank but 0 holds the full model;
                 other strategies build it in full on every rank.
+            compile: `torch.compile` each vision block and LLM decoder layer (their forward, once the
+                trainer sets the model up, before a strategy shards or wraps it).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -88,9 +96,11 @@ class LlavaLitModule(L.LightningModule):
         self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
         self.optim, self.lora_config = optim, lora
         self.gradient_checkpointing = gradient_checkpointing
+        self.activation_checkpointing = activation_checkpointing
         self.init_projector, self.projector_artifact = init_projector, projector_artifact
         self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
         self.sharded_init = sharded_init
+        self.compile_blocks = compile
         if sharded_init and stage == "lora":
             raise ValueError("sharded_init does not support stage 'lora' (peft wraps a materialized model)")
         self.builder = ModelBuilder(self.spec, init_projector, self.apply_stage)
@@ -149,12 +159,15 @@ class LlavaLitModule(L.LightningModule):
             self.unfreeze_vision_blocks,
             self.lora_config,
             self.gradient_checkpointing,
+            self.activation_checkpointing,
         )
 
     def enable_block_checkpointing(self) -> None:
-        """Turn on activation checkpointing of every trained declared block (as `gradient_checkpointing=True`)."""
+        """Turn on activation checkpointing of the trained declared blocks (as `gradient_checkpointing=True`:
+        every block of a component whose `activation_checkpointing` choice is unset)."""
         self.gradient_checkpointing = True
-        stages.enable_block_checkpointing(self.model)
+        every = self.activation_checkpointing.every(True)
+        stages.enable_block_checkpointing(self.model, every["vision_tower"], every["language_model"])
 
     def scaling_hooks(self) -> ScalingHooks:
         """What our strategy classes read from this module (training/scaling_hooks.py)."""
@@ -194,7 +207,8 @@ class LlavaLitModule(L.LightningModule):
     def forward(self, batch: LlavaBatch, return_logits: bool = False):
         # A frozen vision tower runs under no_grad inside `LlavaModel` (through the root module's
         # forward, which FSDP2 requires). Packed rows pass no attention mask: the per-sample
-        # position_ids are what keeps their samples apart (model/packed_attention.py).
+        # position_ids are what keeps their samples apart (model/packed_attention.py). The collator's
+        # positions keep the step free of host syncs.
         packed = "position_ids" in batch
         return self.model(
             batch["input_ids"],
@@ -205,6 +219,8 @@ class LlavaLitModule(L.LightningModule):
             return_logits=return_logits,
             cu_seqlens=batch.get("cu_seqlens"),
             max_seqlen=batch.get("max_seqlen"),
+            image_positions=batch.get("image_positions"),
+            supervised_positions=batch.get("supervised_positions"),
         )
 
     def training_step(self, batch: LlavaBatch, batch_idx: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..batch import IGNORE_INDEX, LlavaBatch
+from ..batch import IGNORE_INDEX, LlavaBatch, flat_positions, supervised_positions
 from .packing import pack_samples
 from .sample import SKIP
 
@@ -21,18 +21,31 @@ class LlavaCollator:
     """
 
     def __init__(
-        self, pad_token_id: int, pad_to_multiple_of: int | None = None, pack_tokens: int | None = None
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        pack_tokens: int | None = None,
+        image_token_id: int | None = None,
     ):
+        """
+        Args:
+            pad_token_id: Id right-padding fills `input_ids` with.
+            pad_to_multiple_of: Round the padded length up to a multiple of this.
+            pack_tokens: Pack the kept samples into rows of this many tokens (None: pad each batch).
+            image_token_id: The image-token id; when set, batches also carry the step's positions
+                (`add_step_positions`).
+        """
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack_tokens = pack_tokens
+        self.image_token_id = image_token_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> LlavaBatch:
         skipped = Counter(s[SKIP] for s in samples if SKIP in s)
         kept = [s for s in samples if SKIP not in s]
         if self.pack_tokens is not None:  # every key the padded path builds below, built for packed rows
             packed = pack_samples(kept, self.pack_tokens, self.pad_token_id)
-            return LlavaBatch(**packed, skipped=dict(skipped))
+            return self.add_step_positions(LlavaBatch(**packed, skipped=dict(skipped)))
         length = max((len(s["input_ids"]) for s in kept), default=0)
         if self.pad_to_multiple_of and length:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -45,10 +58,20 @@ class LlavaCollator:
             labels[i, :n] = s["labels"]
             mask[i, :n] = 1
         pixels = [s["pixel_values"] for s in kept if len(s["pixel_values"])]
-        return LlavaBatch(
-            input_ids=ids,
-            labels=labels,
-            attention_mask=mask,
-            pixel_values=torch.cat(pixels) if pixels else None,
-            skipped=dict(skipped),
+        return self.add_step_positions(
+            LlavaBatch(
+                input_ids=ids,
+                labels=labels,
+                attention_mask=mask,
+                pixel_values=torch.cat(pixels) if pixels else None,
+                skipped=dict(skipped),
+            )
         )
+
+    def add_step_positions(self, batch: LlavaBatch) -> LlavaBatch:
+        """Add `image_positions` and `supervised_positions`, read from the batch's final `input_ids` and
+        `labels` here on the CPU, so that the model's step needs no host-device sync to find them."""
+        if self.image_token_id is not None:
+            batch["image_positions"] = flat_positions(batch["input_ids"] == self.image_token_id)
+            batch["supervised_positions"] = supervised_positions(batch["labels"])
+        return batch

@@ -31,6 +31,7 @@ from .prompts import PromptDataset, collate_prompts
 from .sample import PADDING, SampleEncoder
 from .sampler import EpochSampler, ResumableDataLoader
 from .step_tokens import StepTokenLoader
+from .templates import IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,11 @@ class LlavaDataModule(L.LightningDataModule):
             strict=self.strict,
             uint8_pixels=self.uint8_pixels,
         )
-        self.collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id, pack_tokens=self.pack_tokens)
+        self.collator = LlavaCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            pack_tokens=self.pack_tokens,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.check_files(stage)
@@ -330,14 +335,24 @@ class LlavaDataModule(L.LightningDataModule):
         else:
             dataset = datasets[0]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        common = {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collator}
+        device = self.trainer.strategy.root_device.type if self.trainer is not None else None
+        common = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self.collator,
+            # Page-locked batches copy to the GPU asynchronously (Lightning moves them non-blocking).
+            "pin_memory": device == "cuda" if device else torch.cuda.is_available(),
+        }
         if isinstance(dataset, IterableDataset):
+            # No persistent workers: each worker holds its own copy of a streamed dataset, made when the
+            # pass starts, and `set_epoch` / a resume offset reach only the copies of the next pass.
             dataset.set_epoch(epoch)
             if train:
                 self._iterables.append(dataset)
             if getattr(dataset, "resumable", False):  # a mixture of map-style sources
                 return ResumableDataLoader(dataset, **common)
             return DataLoader(dataset, **common)
+        # Map-style: epoch and resume offset live in the sampler, in this process, so workers may persist.
         grouping = None
         if train and self.group_by_length:
             index = dataset.index
@@ -350,7 +365,7 @@ class LlavaDataModule(L.LightningDataModule):
             )
         sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed, grouping=grouping)
         sampler.set_epoch(epoch)
-        return ResumableDataLoader(dataset, sampler, **common)
+        return ResumableDataLoader(dataset, sampler, persistent_workers=self.num_workers > 0, **common)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell streamed training sources the epoch (samplers get it from Lightning itself)."""

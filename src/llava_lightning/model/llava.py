@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..batch import supervised_mask
+from ..batch import flat_positions, supervised_positions
 from .language_model import build_language_model, decoder_block_class
+from .linear_ce import CE_CHUNK_ROWS, linear_cross_entropy
 from .packed_attention import packed_lm_kwargs
 from .projector import build_projector
 from .shapes import full_shape
@@ -158,8 +159,7 @@ class LlavaModel(nn.Module):
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` -> `(x / 255 - mean) / std` in float32 with the tower's mean and std."""
         tower = self.vision_tower
-        mean = torch.tensor(tower.image_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(tower.image_std, device=pixels.device).view(1, 3, 1, 1)
+        mean, std = _channels(tower.image_mean, pixels), _channels(tower.image_std, pixels)
         return (pixels.float() / 255.0 - mean) / std
 
     def embed(
@@ -167,15 +167,18 @@ class LlavaModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings with image features scattered over the image-token positions.
 
         `vision_features` (the tower's output, e.g. computed without a graph for a frozen tower)
-        replace `pixel_values`; the projector runs on them here.
+        replace `pixel_values`; the projector runs on them here. `image_positions` (the collator's
+        flat positions of the image-token ids) spare the host-device sync of finding them here.
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        image_mask = input_ids == self.image_token_id
-        n_tokens = int(image_mask.sum())
+        if image_positions is None:
+            image_positions = flat_positions(input_ids == self.image_token_id)
+        n_tokens = image_positions.numel()  # a shape: known on the host without a sync
         if vision_features is not None:
             features = self.project(vision_features)
         elif pixel_values is None or pixel_values.shape[0] == 0:
@@ -204,7 +207,8 @@ class LlavaModel(nn.Module):
                 "tokens); each image needs exactly that many image-token ids"
             )
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        # index_copy, not masked_scatter: its backward gathers by index (masked_select would sync).
+        return embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_positions, features).view_as(embeds)
 
     def forward(
         self,
@@ -217,6 +221,8 @@ class LlavaModel(nn.Module):
         vision_features: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        image_positions: torch.Tensor | None = None,
+        supervised_positions: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> LlavaOutput:
         """Loss (mean over tokens with label != -100, next-token shifted) and logits.
@@ -227,8 +233,13 @@ class LlavaModel(nn.Module):
         Packed rows (several samples per row, `data/packing.py`): `position_ids` restarting at 0 at each
         sample, `attention_mask=None`, and for varlen kernels `cu_seqlens` / `max_seqlen`; no token
         attends across a sample boundary (`packed_attention.py`).
+        `image_positions` / `supervised_positions` (`LlavaBatch`'s, from the collator) make the step
+        free of host-device syncs; without them they are computed here.
         """
-        embeds = self.embed(input_ids, pixel_values, vision_features)
+        embeds = self.embed(input_ids, pixel_values, vision_features, image_positions)
+        if labels is not None:
+            # A loss needs no KV cache; transformers would build one by default, copying every layer's K/V.
+            lm_kwargs.setdefault("use_cache", False)
         lm = self.language_model
         if position_ids is not None and attention_mask is None:
             implementation = getattr(lm.config, "_attn_implementation", None)
@@ -241,13 +252,15 @@ class LlavaModel(nn.Module):
             logits = out.logits
             result = LlavaOutput(logits=logits if return_logits else None, cache=_cache_of(out))
             if labels is not None:
-                result.loss, result.loss_sum, result.num_supervised = _shifted_ce(logits, labels, None)
+                result.loss, result.loss_sum, result.num_supervised = _shifted_ce(
+                    logits, labels, None, supervised_positions
+                )
             return result
         decoder = lm.get_decoder()
         out = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
         )
-        loss, loss_sum, count = _shifted_ce(out[0], labels, lm.get_output_embeddings())
+        loss, loss_sum, count = _shifted_ce(out[0], labels, lm.get_output_embeddings(), supervised_positions)
         return LlavaOutput(loss=loss, loss_sum=loss_sum, num_supervised=count, cache=_cache_of(out))
 
     # ----------------------------------------------------------------------------- generation
@@ -260,6 +273,12 @@ class LlavaModel(nn.Module):
         return generate_ids(self, input_ids, attention_mask, **kwargs)
 
 
+def _channels(values, like: torch.Tensor) -> torch.Tensor:
+    """`[1, 3, 1, 1]` per-channel constants made on `like`'s device by fills: a host tensor copied
+    there would make the host wait for the device on every step."""
+    return torch.stack([torch.full((), float(v), device=like.device) for v in values]).view(1, -1, 1, 1)
+
+
 def _cache_of(out) -> Any:
     # Item access, not attributes: transformers 5 keeps a deprecated `past_key_values` property that warns.
     if not hasattr(out, "get"):
@@ -270,13 +289,31 @@ def _cache_of(out) -> Any:
     return cache
 
 
-def _shifted_ce(states: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
-    """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`."""
-    targets = labels[:, 1:]
-    mask = supervised_mask(labels)
-    picked = states[:, :-1][mask]
+def _shifted_ce(
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module | None,
+    positions: torch.Tensor | None = None,
+    chunk: int = CE_CHUNK_ROWS,
+):
+    """Next-token cross-entropy over supervised positions; `states` are logits, or hidden states for `head`.
+
+    `positions`: the flat positions `b * T + t` whose next token is scored (`batch.supervised_positions`;
+    computed here when None, with a host sync). Rows are gathered by index and scored `chunk` at a
+    time (`linear_ce.py`): no fp32 `[rows, vocab]` tensor at once, no boolean-mask gather.
+    """
+    if positions is None:
+        positions = supervised_positions(labels)
+    flat = states.reshape(-1, states.shape[-1])
+    targets = labels.reshape(-1).index_select(0, positions + 1)
     if head is not None:
-        picked = head(picked)
-    loss_sum = F.cross_entropy(picked.float(), targets[mask], reduction="sum")
-    count = mask.sum()
+        loss_sum = linear_cross_entropy(flat.index_select(0, positions), head, targets, chunk)
+    else:
+        loss_sum = flat.new_zeros((), dtype=torch.float32)
+        for start in range(0, positions.numel(), chunk):
+            rows = positions[start : start + chunk]
+            logits = flat.index_select(0, rows).float()
+            loss_sum = loss_sum + F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+    # From the positions' shape: a fill, not a host-to-device copy.
+    count = torch.full((), positions.numel(), dtype=torch.long, device=labels.device)
     return loss_sum / count.clamp(min=1), loss_sum, count

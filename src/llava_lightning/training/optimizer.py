@@ -1,6 +1,8 @@
 """The optimizer and learning-rate schedule of a run: AdamW over per-component parameter groups
 (projector, vision tower, LLM, each with its rate; no decay on biases and norms), warmup + cosine
-over the run's optimizer steps."""
+over the run's optimizer steps. AdamW runs fused (one kernel for all parameters) on CUDA, as
+`foreach` (batched over tensors) elsewhere; a strategy's own optimizer (DeepSpeed's CPU Adam) is
+left as it is."""
 
 from __future__ import annotations
 
@@ -28,8 +30,13 @@ def configure_optimizers(model: LlavaModel, optim: OptimConfig, trainer: Any, st
     if not groups:
         raise ValueError(f"stage {stage!r} leaves nothing to train")
     # A strategy may need its own optimizer class (DeepSpeed's CPU AdamW when it offloads the optimizer).
-    make = getattr(trainer.strategy, "make_optimizer", None) or torch.optim.AdamW
-    optimizer = make(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    make = getattr(trainer.strategy, "make_optimizer", None)
+    if make is None:
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **adamw_kernel(groups)
+        )
+    else:
+        optimizer = make(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     fit_loop = trainer.fit_loop
     built_before = fit_loop._combined_loader is not None
     total = trainer.estimated_stepping_batches
@@ -46,3 +53,10 @@ def configure_optimizers(model: LlavaModel, optim: OptimConfig, trainer: Any, st
         fit_loop._combined_loader = None
     scheduler = warmup_cosine(optimizer, max(1, int(total)), o.warmup_ratio, o.min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_kernel(groups: list[dict[str, Any]]) -> dict[str, bool]:
+    """`{"fused": True}` when every parameter is on CUDA, else `{"foreach": True}` (torch's fused
+    kernels need all of a step's tensors on one device kind that has them)."""
+    devices = {p.device.type for group in groups for p in group["params"]}
+    return {"fused": True} if devices == {"cuda"} else {"foreach": True}

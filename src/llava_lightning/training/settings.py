@@ -1,8 +1,14 @@
-"""Typed settings of `LlavaLitModule`: the optimizer and schedule, and LoRA (each field a CLI flag)."""
+"""Typed settings of `LlavaLitModule`: the optimizer and schedule, LoRA, activation checkpointing
+(each field a CLI flag)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+BlockChoice = Literal["none", "every"] | int
+"""Which blocks of a component recompute their activations in backward: `none`, `every` block, or an
+int k: every k-th block (the 1st, (k+1)-th, 2k+1-th, ..., as transformers counts); 1 is `every`."""
 
 
 @dataclass
@@ -39,3 +45,39 @@ class OptimConfig:
     """Linear warmup over this fraction of the total optimizer steps."""
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of each group's learning rate."""
+
+
+@dataclass
+class CheckpointingConfig:
+    """Activation checkpointing per component; a component left None follows `gradient_checkpointing`
+    (true: every block, false: none). Only components that train are checkpointed."""
+
+    vision: BlockChoice | None = None
+    """Vision-tower blocks: none, every, or k (every k-th block); None follows gradient_checkpointing."""
+    language: BlockChoice | None = None
+    """LLM decoder layers: none, every, or k (every k-th layer); None follows gradient_checkpointing."""
+
+    def __post_init__(self):
+        for name in ("vision", "language"):
+            choice = getattr(self, name)
+            if choice is not None:
+                every_k(choice, f"activation_checkpointing.{name}")
+
+    def every(self, gradient_checkpointing: bool) -> dict[str, int]:
+        """`{"vision_tower": k, "language_model": k}`: checkpoint every k-th block, 0 for none."""
+        default = "every" if gradient_checkpointing else "none"
+        return {
+            "vision_tower": every_k(default if self.vision is None else self.vision),
+            "language_model": every_k(default if self.language is None else self.language),
+        }
+
+
+def every_k(choice: BlockChoice, name: str = "checkpointing choice") -> int:
+    """`none` -> 0, `every` -> 1, k >= 1 -> k; anything else a ValueError naming the choices."""
+    if choice == "none":
+        return 0
+    if choice == "every":
+        return 1
+    if isinstance(choice, int) and not isinstance(choice, bool) and choice >= 1:
+        return choice
+    raise ValueError(f"{name} must be 'none', 'every' or an int k >= 1 (every k-th block), got {choice!r}")

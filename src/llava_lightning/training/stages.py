@@ -9,13 +9,16 @@ Vision blocks past the deepest feature layer never run, so they stay frozen in e
 from __future__ import annotations
 
 import logging
+import types
 from typing import Literal
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..model import LlavaModel
 from .params import param_table
-from .settings import LoraConfig
+from .settings import CheckpointingConfig, LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,19 @@ def apply_stage(
     unfreeze_vision_blocks: int = 0,
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
+    checkpointing: CheckpointingConfig | None = None,
 ) -> None:
-    """Set `requires_grad` for `stage`, then log the table of trainable and frozen parameters."""
+    """Set `requires_grad` for `stage`, turn on activation checkpointing (`gradient_checkpointing`: every
+    block, unless `checkpointing` chooses per component), then log the table of trainable parameters."""
     if stage == "lora":
         freeze_for_lora(model, lora or LoraConfig())
     else:
         {"align": freeze_for_align, "finetune": freeze_for_finetune, "full": freeze_for_full}[stage](model)
     if unfreeze_vision_blocks:
         unfreeze_last_vision_blocks(model, unfreeze_vision_blocks)
-    if gradient_checkpointing:
-        enable_block_checkpointing(model)
+    every = (checkpointing or CheckpointingConfig()).every(gradient_checkpointing)
+    if any(every.values()):
+        enable_block_checkpointing(model, every["vision_tower"], every["language_model"])
     log.info("stage %r parameters:\n%s", stage, param_table(components(model)))
 
 
@@ -110,16 +116,36 @@ def refreeze_unused_vision_blocks(model: LlavaModel) -> None:
             module.requires_grad_(False)
 
 
-def enable_block_checkpointing(model: LlavaModel) -> None:
-    """Activation checkpointing (non-reentrant) of every declared block of the components that train."""
+def enable_block_checkpointing(model: LlavaModel, vision: int = 1, language: int = 1) -> None:
+    """Activation checkpointing (non-reentrant) of the declared blocks of the components that train:
+    every `k`-th block of each (1: every block, 0: none), the 1st, (k+1)-th, ... as transformers counts."""
     lm = model.language_model
-    if any(p.requires_grad for p in lm.parameters()):
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if language and _trains(lm):
+        lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=language)
     tower = model.vision_tower
-    if any(p.requires_grad for p in tower.parameters()):
-        if hasattr(tower, "hf_model"):
-            tower.hf_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        elif hasattr(tower, "timm_model"):
-            tower.timm_model.set_grad_checkpointing(True)
+    if not (vision and _trains(tower)):
+        return
+    if hasattr(tower, "hf_model"):
+        tower.hf_model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=vision)
+    elif vision == 1 and hasattr(tower, "timm_model"):
+        tower.timm_model.set_grad_checkpointing(True)
+    else:  # timm's own switch covers every block or none
+        for i, block in enumerate(tower.blocks()):
+            if i % vision == 0:
+                checkpoint_block(block)
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Make `block` recompute its activations in backward (its forward, so its hooks run once)."""
+    block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    forward = type(block).forward.__get__(block)
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())

@@ -1,7 +1,8 @@
 """Everything `LlavaLitModule` does differently depending on the strategy that runs it.
 
 - `configure_model`: FSDP2 shards the declared blocks then the root (and, under sharded init, loads
-  the weights after sharding); DeepSpeed ZeRO-3 builds the model under `deepspeed.zero.Init`.
+  the weights after sharding); DeepSpeed ZeRO-3 builds the model under `deepspeed.zero.Init`; with
+  `compile`, the blocks are compiled before any of it wraps them (`compile.py`).
 - `setup_model`: sharded init under FSDP1 (rank 0 builds, the others keep the skeleton) and under
   strategies that cannot init sharded (every rank builds, with a warning); the vision tower's text-only
   run under module-by-module sharding; the refusal of strategies that accumulate gradients themselves.
@@ -19,6 +20,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torchmetrics import Metric
 
+from .compile import compile_blocks
 from .fsdp1 import LlavaFSDPStrategy
 from .fsdp2 import FSDP2Strategy, shard_fsdp2
 from .model_build import is_skeleton
@@ -41,7 +43,8 @@ def inits_sharded(strategy: Any) -> bool:
 
 
 def configure_model(module: Any) -> None:
-    """`LlavaLitModule.configure_model`: what the strategy needs done before it wraps the model."""
+    """`LlavaLitModule.configure_model`: what the strategy needs done before it wraps the model; with
+    `compile`, the declared blocks are compiled first (after activation checkpointing, before sharding)."""
     strategy = module._trainer.strategy if module._trainer is not None else None
     if is_zero3(strategy) and module.sharded_init and is_skeleton(module.model):
         # Each module's parameters are partitioned as soon as it is built (rank 0's values broadcast);
@@ -51,7 +54,8 @@ def configure_model(module: Any) -> None:
 
         module._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         module.model = module.builder.build_from_construction_rng(zero3=True)
-        return
+    if module.compile_blocks:
+        compile_blocks(module.model)
     if not isinstance(strategy, ModelParallelStrategy) or getattr(module, "_sharded", False):
         return
     if isinstance(strategy, FSDP2Strategy):
