@@ -517,3 +517,29 @@ def test_mid_epoch_resume_with_persistent_workers_gives_the_uninterrupted_run(sh
     from test_resume import test_resume_from_the_first_middle_and_last_batch_of_an_epoch as resume_test
 
     resume_test(shapes_dir, tmp_path, False, 16, 2, 1.0, 1, [5])
+
+
+# ----------------------------------------------------------------------------- 6. the bench's compositions
+
+
+def test_the_model_bench_supervises_half_or_all_of_the_text_or_every_position(tiny):
+    from llava_lightning.bench.model_step import make_batch, step_positions
+
+    image = tiny.vision_tower.num_tokens
+    half, full, every = (make_batch(tiny, 2, 64, supervised=s) for s in ("half", "all", "every"))
+    for batch in (half, full):
+        assert (batch["labels"][batch["input_ids"] == tiny.image_token_id] == -100).all()
+    assert torch.equal(every["labels"], every["input_ids"])
+    text = 64 - 1 - image  # after BOS and the image span
+    assert (full["labels"] != -100).sum(1).tolist() == [text] * 2
+    assert (half["labels"] != -100).sum(1).tolist() == [text - text // 2] * 2
+    collated = LlavaCollator(0, image_token_id=tiny.image_token_id)(
+        [
+            {"input_ids": i, "labels": lab, "pixel_values": p[None]}
+            for i, lab, p in zip(*(full[k] for k in ("input_ids", "labels", "pixel_values")))
+        ]
+    )
+    for key, value in step_positions(tiny, full).items():
+        assert torch.equal(value, collated[key]), key
+    with pytest.raises(ValueError, match="supervised must be one of"):
+        make_batch(tiny, 1, 64, supervised="most")

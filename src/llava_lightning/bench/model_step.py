@@ -2,8 +2,10 @@
 
 Both hold the same weights (ours exported with `save_hf`, loaded by `LlavaForConditionalGeneration`)
 and see the same batch: a ~60M-parameter CLIP + Llama config, 4 x 512 tokens of which 256 per
-sample are image tokens and the answer half of the text is supervised. Steps alternate between the
-two models so drift on a shared machine hits both; the median of the timed steps is reported.
+sample are image tokens, in two compositions: `half` (the answer half of the text is supervised) and
+`all` (every text token is supervised). Ours also gets the collator's positions (`image_positions`,
+`supervised_positions`), as in training. Steps alternate between the two models so drift on a shared
+machine hits both; the median of the timed steps is reported.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from contextlib import nullcontext
 
 import torch
 
+from ..batch import flat_positions, supervised_positions
 from ..model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec
+
+COMPOSITIONS = ("half", "all", "every")
+"""What is supervised: the answer half of each sample's text, all of its text, or every position, image
+tokens included (no LLaVA data does that; it bounds the LM head's work, like text-only data supervised
+throughout)."""
 
 BENCH_SPEC = LlavaSpec(
     vision=VisionSpec(
@@ -49,22 +57,37 @@ BENCH_SPEC = LlavaSpec(
 )
 
 
-def make_batch(model: LlavaModel, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`batch` samples of `seq` tokens: BOS, one image span, a prompt, then a supervised answer."""
+def make_batch(
+    model: LlavaModel, batch: int, seq: int, seed: int = 0, supervised: str = "half"
+) -> dict[str, torch.Tensor]:
+    """`batch` samples of `seq` tokens: BOS, one image span, a prompt, then a supervised answer
+    (`supervised="half"`), or BOS, the image span and supervised text (`"all"`), or every position
+    supervised (`"every"`)."""
+    if supervised not in COMPOSITIONS:
+        raise ValueError(f"supervised must be one of {COMPOSITIONS}, got {supervised!r}")
     g = torch.Generator().manual_seed(seed)
     n_img = model.vision_tower.num_tokens
     ids = torch.randint(3, 30000, (batch, seq), generator=g)
     ids[:, 0] = 1
     ids[:, 1 : 1 + n_img] = model.image_token_id
     labels = ids.clone()
-    answer_start = 1 + n_img + (seq - 1 - n_img) // 2
-    labels[:, :answer_start] = -100
+    answer_start = 1 + n_img + (seq - 1 - n_img) // 2 if supervised == "half" else 1 + n_img
+    if supervised != "every":
+        labels[:, :answer_start] = -100
     size = model.vision_tower.image_size
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "pixel_values": torch.randn(batch, 3, size, size, generator=g),
         "labels": labels,
+    }
+
+
+def step_positions(model: LlavaModel, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys `LlavaCollator(image_token_id=...)` adds to a batch (found on the CPU)."""
+    return {
+        "image_positions": flat_positions(data["input_ids"] == model.image_token_id),
+        "supervised_positions": supervised_positions(data["labels"]),
     }
 
 
@@ -92,7 +115,9 @@ def matmul_seconds(dtype: torch.dtype, device: str, n: int = 1024, repeat: int =
     return (time.perf_counter() - start) / repeat
 
 
-def compare(batch: int, seq: int, steps: int, warmup: int, precision: str, device: str) -> dict[str, float]:
+def compare(
+    batch: int, seq: int, steps: int, warmup: int, precision: str, device: str, supervised: str = "half"
+) -> dict[str, float]:
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -102,12 +127,14 @@ def compare(batch: int, seq: int, steps: int, warmup: int, precision: str, devic
         theirs = LlavaForConditionalGeneration.from_pretrained(tmp)
     ours.train().to(device)
     theirs.train().to(device)
-    data = {k: v.to(device) for k, v in make_batch(ours, batch, seq).items()}
+    cpu = make_batch(ours, batch, seq, supervised=supervised)
+    data = {k: v.to(device) for k, v in cpu.items()}
+    positions = {k: v.to(device) for k, v in step_positions(ours, cpu).items()}
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def run_ours():
         with autocast:
-            return ours(**data, return_logits=False).loss
+            return ours(**data, **positions, return_logits=False).loss
 
     def run_theirs():
         with autocast:
@@ -147,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--supervised", nargs="+", default=["half", "all"], choices=COMPOSITIONS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     print(f"[model] tiny preset build (imports warm): {preset_build_seconds():.2f} s (spec: < 2 s)")
@@ -164,13 +192,15 @@ def main(argv: list[str] | None = None) -> None:
                     f"{fp32 * 1e3:.0f} ms, capability {torch.backends.cpu.get_cpu_capability()}): "
                     "bf16 step measured at batch 1, one step"
                 )
-        r = compare(batch, args.seq, steps, warmup, precision, args.device)
-        print(
-            f"[model] train step {precision:>4} on {args.device}, {r['params_m']:.0f}M params, batch {batch}x{args.seq}: "
-            f"LlavaModel {r['ours_s']:.3f} s, transformers Llava {r['theirs_s']:.3f} s, "
-            f"ratio {r['ours_s'] / r['theirs_s']:.3f} (goal <= 1.0); initial loss diff {r['initial_loss_diff']:.1e}",
-            flush=True,
-        )
+        for supervised in args.supervised:
+            r = compare(batch, args.seq, steps, warmup, precision, args.device, supervised)
+            print(
+                f"[model] train step {precision:>4} on {args.device}, {r['params_m']:.0f}M params, "
+                f"batch {batch}x{args.seq}, supervised {supervised}: LlavaModel {r['ours_s']:.3f} s, "
+                f"transformers Llava {r['theirs_s']:.3f} s, ratio {r['ours_s'] / r['theirs_s']:.3f} "
+                f"(goal <= 1.0); initial loss diff {r['initial_loss_diff']:.1e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -58,30 +58,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # Gradients over chunks add up in fp32 whatever the compute dtype.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        # Weight and bias gradients add up over chunks in fp32 whatever the compute dtype.
+        grad_weight = grad_bias = None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, t = hidden[rows], targets[rows]
             logits = F.linear(h, weight, bias)  # autocast applies here as in the module
-            logits32 = logits.float()
-            lse = torch.logsumexp(logits32, dim=-1)
-            total = total + (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
+            # One fused pass for log-softmax, one in place for the softmax (the CE backward's cost).
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            total = total - log_probs.gather(1, t[:, None]).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
             # d(sum CE)/d logits = softmax - one_hot(target), in the logits' dtype for the matmuls.
-            g = torch.exp(logits32 - lse[:, None])
-            g.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
+            g = log_probs.exp_()
+            g.scatter_add_(1, t[:, None], torch.full_like(t[:, None], -1, dtype=g.dtype))
             g = g.to(logits.dtype)
-            del logits, logits32
+            del logits, log_probs
             if need_hidden:
                 grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
             if need_weight:
-                grad_weight += (g.t() @ h.to(g.dtype)).float()
+                part = (g.t() @ h.to(g.dtype)).float()
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
             if need_bias:
-                grad_bias += g.float().sum(0)
+                part = g.float().sum(0)
+                grad_bias = part if grad_bias is None else grad_bias.add_(part)
+        if need_weight and grad_weight is None:  # no rows
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        if need_bias and grad_bias is None:
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
