@@ -78,8 +78,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
             if need_weight:
-                part = (g.t() @ h.to(g.dtype)).float()
-                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                if grad_weight is None:
+                    grad_weight = (g.t() @ h.to(g.dtype)).float()
+                elif g.dtype == torch.float32:  # accumulate inside the matmul, no [vocab, hidden] temporary
+                    grad_weight.addmm_(g.t(), h.float())
+                else:
+                    grad_weight += (g.t() @ h.to(g.dtype)).float()
             if need_bias:
                 part = g.float().sum(0)
                 grad_bias = part if grad_bias is None else grad_bias.add_(part)
