@@ -16,6 +16,7 @@ from PIL import Image
 from data_recipes import scienceqa_to_llava
 from llava_lightning.data import synthetic
 from llava_lightning.data.synthetic.multiple_choice import _mc_item
+from llava_lightning.data.synthetic.questions import DESCRIBE_ONLY
 
 SMALL = ["--n-captions", "45", "--n-instruct", "120", "--n-eval", "150", "--shard-size", "20"]
 
@@ -109,6 +110,15 @@ def test_synthetic_instruct_mix(shapes: Path) -> None:
             assert conv[1]["value"] in ("The first image.", "The second image.", "Both have the same number.")
     assert set(kinds) == {0, 1, 2}
     assert kinds[2] == 12 and kinds[0] == 12  # 10% each of 120
+    # Description-only conversations (LLaVA-Instruct's detail-description part) in the 96 one-image
+    # records: DESCRIBE_ONLY, plus one-turn conversations (1 in 3) drawing it (1 of 7 questions).
+    alone = sum(
+        len(r["conversations"]) == 2
+        and r["conversations"][0]["value"] == "<image>\nDescribe the image briefly."
+        for r in records
+    )
+    p = DESCRIBE_ONLY + (1 - DESCRIBE_ONLY) / 3 / 7
+    assert abs(alone - 96 * p) <= 4 * (96 * p * (1 - p)) ** 0.5  # binomial, 4 standard deviations
 
 
 def test_synthetic_eval_set(shapes: Path) -> None:
@@ -116,8 +126,23 @@ def test_synthetic_eval_set(shapes: Path) -> None:
     records = json.loads((root / "scienceqa_style.json").read_text())
     letters = Counter()
     for r in records:
-        assert set(r) == {"id", "image", "conversations", "answer_letter", "options", "question_type"}
+        assert set(r) == {
+            "id",
+            "image",
+            "conversations",
+            "answer_letter",
+            "options",
+            "question_type",
+            "scene",
+        }
         assert (root / r["image"]).is_file()
+        # The scene the image shows: what the question's answer and the description check read.
+        scene = r["scene"]
+        answer = r["options"][ord(r["answer_letter"]) - 65]
+        if r["question_type"] == "count":
+            assert answer == str(len(scene))
+        else:
+            assert len(scene) == 1 and scene[0][r["question_type"]] == answer
         options = r["options"]
         assert 3 <= len(options) <= 4 and len(set(options)) == len(options)
         letter = r["answer_letter"]

@@ -7,8 +7,9 @@
 4. Evaluate the held-out multiple-choice set (ScienceQA-style prompt, greedy decoding, answer letter
    parsed) with the model before stage 2 and after it, next to chance, twice over the same images
    and questions: options in each question type's fixed order (the target), and shuffled (option
-   matching, which a tiny LLM trained from scratch for minutes lacks); save a PNG grid of images
-   with their generated descriptions. Curves go to TensorBoard (`tensorboard --logdir outputs/demo`).
+   matching, which a tiny LLM trained from scratch for minutes lacks); ask for a free-form description
+   of every one-shape held-out image and count those naming its colour and shape
+   (`eval/descriptions.py`); save a PNG grid of images with their generated descriptions. Curves go to TensorBoard (`tensorboard --logdir outputs/demo`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
           f"--trainer.max_epochs={args.stage2_epochs}", f"--model.init_projector={projector}"])  # fmt: skip
     stage2_dir = _latest("stage2/version_*", out)
 
+    from .data.synthetic import COLOURS, SHAPES
     from .data.synthetic import EVAL_FILES as eval_files
+    from .eval.descriptions import evaluate_descriptions
     from .eval.multiple_choice import evaluate_multiple_choice
 
     eval_root = data / "eval"
@@ -143,9 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         for order, name in eval_files.items()
     }
-    records = json.loads((eval_root / eval_files["fixed"]).read_text())[:6]
+    fixed_records = json.loads((eval_root / eval_files["fixed"]).read_text())
+    _say("describing the held-out one-shape images (greedy): right colour and shape named?")
+    described = evaluate_descriptions(models["after"], fixed_records, eval_root, tuple(COLOURS), SHAPES)
     grid = out / "samples.png"
-    _grid(models["after"], records, eval_root, grid)
+    _grid(models["after"], fixed_records[:6], eval_root, grid)
     results = {
         order: {
             "n": s["after"]["n"],
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for order, s in scores.items()
     }
+    results["descriptions_after_stage2"] = described
     results["minutes"] = (time.perf_counter() - start) / 60
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _say(
@@ -175,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{name} {g['accuracy']:.0%} (chance {g['chance']:.0%}, n {g['n']})" for name, g in groups.items()
         ]
         _say(f"  by question type, {order}, after stage 2: " + ", ".join(parts))
+    _say(
+        f"free-form descriptions of {described['n']} one-shape held-out images naming the right colour and "
+        f"shape: {described['accuracy']:.1%} (colour {described['colour']:.1%}, shape {described['shape']:.1%}; "
+        f"chance {1 / (len(COLOURS) * len(SHAPES)):.1%})"
+    )
     _say(
         f"outputs: results {out / 'results.json'}, sample grid {grid}, checkpoints {stage2_dir / 'checkpoints'},"
     )

@@ -13,7 +13,7 @@ from .writers import write_captions, write_eval, write_instruct, write_json
 log = logging.getLogger(__name__)
 
 # Bumped whenever the layout or content changes: the demo regenerates data whose manifest differs.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 
 def generate(

@@ -79,7 +79,7 @@ def _mc_item(
 
 
 def _mc_record(
-    record_id: str, image: str, question: str, options: list[str], correct: str, kind: str
+    record_id: str, image: str, question: str, options: list[str], correct: str, kind: str, scene: Scene
 ) -> dict[str, Any]:
     letter = chr(ord("A") + options.index(correct))
     return {
@@ -89,4 +89,6 @@ def _mc_record(
         "answer_letter": letter,
         "options": options,
         "question_type": kind,  # colour / shape / count / position: the eval's per-type breakdown
+        # What the image shows (the free-form description check reads it: eval/descriptions.py).
+        "scene": [{"shape": sh.shape, "colour": sh.colour, "position": sh.position} for sh in scene],
     }

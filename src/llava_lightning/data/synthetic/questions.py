@@ -118,7 +118,16 @@ def _gpt(text: str) -> dict[str, str]:
     return {"from": "gpt", "value": text}
 
 
+# The share of one-image conversations that are a description alone, as LLaVA-Instruct-158K's
+# detail-description part (23K of 158K) is: without it a description mostly follows turns that
+# already named the colours and shapes, and the demo's free-form descriptions were at chance.
+DESCRIBE_ONLY = 0.3
+
+
 def single_image_conversation(rng: np.random.Generator, scene: Scene) -> list[dict[str, str]]:
+    if rng.random() < DESCRIBE_ONLY:
+        question, answer = _question_describe(rng, scene)
+        return [_human(question, 1, True), _gpt(answer)]
     n_turns = int(rng.integers(1, 4))
     kinds = rng.choice(len(SINGLE_IMAGE_QUESTIONS), size=n_turns, replace=False)
     conv: list[dict[str, str]] = []

@@ -196,7 +196,13 @@ def write_eval(
             options = shuffled if order == "shuffled" else list(MC_ANSWER_SETS[kind])
             records[order].append(
                 _mc_record(
-                    f"shapes-{prefix or 'eval-'}{i:06d}", f"images/{name}", question, options, correct, kind
+                    f"shapes-{prefix or 'eval-'}{i:06d}",
+                    f"images/{name}",
+                    question,
+                    options,
+                    correct,
+                    kind,
+                    scene,
                 )
             )
     for order, name in files.items():
