@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import Numbers
+from conftest import Numbers, quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -346,14 +346,7 @@ def test_trainer_run_logs_seen_and_skipped_per_epoch(model, instruct, tmp_path):
         num_workers=0,
     )
     recorder = Recorder()
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=recorder,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, logger=recorder)
     trainer.fit(Lit(), datamodule=dm)
     assert [r["data/epoch"] for r in recorder.rows] == [0.0, 1.0]
     for row in recorder.rows:
