@@ -1,6 +1,8 @@
 """Shared test setup: no network, deterministic seeds, and session-scoped tiny models."""
 
+import multiprocessing
 import os
+import socket
 
 # Never let a test reach the hub: every model and tokenizer here is built from configs or local files.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -104,3 +106,39 @@ def trainer_for_strategy_yaml(name: str):
     ]
     cli = LlavaCLI(LlavaLitModule, LlavaDataModule, args=args, run=False)
     return cli.trainer
+
+
+def quiet_trainer(tmp_path, **kw):
+    """A CPU `L.Trainer` writing nothing but under `tmp_path`: no logger, checkpoints, progress bar or
+    model summary; `kw` adds settings or overrides these (e.g. `logger=`)."""
+    import lightning as L
+
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return L.Trainer(**{**settings, **kw})
+
+
+def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
+    """Run `target(rank, world, port, *args)` in `world` forked processes (`port`: a free localhost
+    port for their process group) and wait for them; a rank still running after `timeout` s is killed.
+    Fails unless every rank exited with 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(rank, world, port, *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung and [p.exitcode for p in procs] == [0] * world, "a rank hung or failed"

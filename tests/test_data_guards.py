@@ -5,9 +5,9 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from llava_lightning.cli import main
 from llava_lightning.data import DataSkipError, LlavaDataModule, SourceConfig
@@ -62,15 +62,7 @@ def _skippy_json(shapes_dir, tmp_path, bad_share):
 def _fit(source, tmp_path, **dm_kwargs):
     dm = LlavaDataModule(train=[source], batch_size=4, num_workers=0, seed=0, **dm_kwargs)
     lit = LlavaLitModule(preset="tiny", stage="finetune")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(lit, datamodule=dm)
     return trainer
 

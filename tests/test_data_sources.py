@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import Numbers
+from conftest import Numbers, quiet_trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -212,12 +212,14 @@ def test_collator_pads_right_and_batches_mixed_images(model, instruct):
     ds = InstructionDataset(instruct, instruct.parent, _encoder(model, "vicuna_v1"))
     batch = LlavaCollator(pad_token_id=model.tokenizer.pad_token_id)([ds[i] for i in range(5)])
     assert batch["skipped"] == {"missing_image": 1, "bad_image": 1}
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "skipped"}  # LlavaBatch
+    keys = {"input_ids", "attention_mask", "labels", "pixel_values", "skipped", "right_padded"}  # LlavaBatch
+    assert set(batch) == keys and batch["right_padded"] is True
     image_runs = (batch["input_ids"] == model.image_token_id).sum(1) // model.vision_tower.num_tokens
     assert image_runs.tolist() == [1, 2, 0]
     assert batch["pixel_values"].shape[0] == 3
     lengths = batch["attention_mask"].sum(1)
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(lengths):  # each row 1...1 0...0, as `right_padded` says
+        assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
         assert (batch["input_ids"][i, n:] == model.tokenizer.pad_token_id).all()
         assert (batch["labels"][i, n:] == -100).all()
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
@@ -344,14 +346,7 @@ def test_trainer_run_logs_seen_and_skipped_per_epoch(model, instruct, tmp_path):
         num_workers=0,
     )
     recorder = Recorder()
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=recorder,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, logger=recorder)
     trainer.fit(Lit(), datamodule=dm)
     assert [r["data/epoch"] for r in recorder.rows] == [0.0, 1.0]
     for row in recorder.rows:

@@ -226,7 +226,8 @@ def test_the_collator_gives_the_positions_the_model_would_find(lit):
     positions = batch["supervised_positions"]
     torch.testing.assert_close(labels.reshape(-1)[positions + 1], labels[:, 1:][supervised_mask(labels)])
     assert (positions % ids.shape[1] < ids.shape[1] - 1).all()  # never a row's last position
-    assert set(_collated(model, None)) == {"input_ids", "attention_mask", "labels", "pixel_values", "skipped"}
+    keys = {"input_ids", "attention_mask", "labels", "pixel_values", "skipped", "right_padded"}
+    assert set(_collated(model, None)) == keys and batch["right_padded"] is True
 
 
 MASKING = "transformers/masking_utils.py"
@@ -238,13 +239,13 @@ def _outside_masking(hits):
 
 def test_a_training_step_with_the_collators_positions_needs_no_host_sync(lit):
     """Forward, loss and backward of `LlavaLitModule.forward` sync nowhere but in transformers' own
-    attention-mask construction (it reads whether the padding mask is all ones, or without one whether
-    position_ids restart), which the attention-mask work of the lean step replaces."""
+    attention-mask construction (with the padding mask it reads whether the mask is all ones; without
+    one, on the collator's right-padded batches, whether position_ids restart)."""
     batch = _collated(lit.model, lit.model.image_token_id)
     ref_loss, ref_grads = _step(lit, {k: v for k, v in batch.items() if not k.endswith("_positions")})
-    for attention_mask in (batch["attention_mask"], None):  # right padding: causal alone is exact
+    for right_padded in (False, True):  # with the padding mask, then without (section 7)
         with SyncFinder() as finder:
-            loss, grads = _step(lit, {**batch, "attention_mask": attention_mask})
+            loss, grads = _step(lit, {**batch, "right_padded": right_padded})
         assert finder.hits, "transformers' mask construction reads a mask value on the host"
         assert _outside_masking(finder.hits) == []
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
@@ -543,3 +544,142 @@ def test_the_model_bench_supervises_half_or_all_of_the_text_or_every_position(ti
         assert torch.equal(value, collated[key]), key
     with pytest.raises(ValueError, match="supervised must be one of"):
         make_batch(tiny, 1, 64, supervised="most")
+
+
+# ----------------------------------------------------------------------------- 7. right padding: no mask
+
+
+def _real_logits(module, batch):
+    with torch.no_grad():
+        logits = module(batch, return_logits=True).logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def _full_rows(model):
+    """Rows of one length (nothing padded) with images and a text-only row, as the collator builds them."""
+    samples = []
+    for images, text in [(1, 12), (0, 3 + model.vision_tower.num_tokens + 12)]:
+        ids = sample_ids(model, images, text)
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100
+        labels[ids == model.image_token_id] = -100
+        size = model.vision_tower.image_size
+        pixels = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8)
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return LlavaCollator(0, image_token_id=model.image_token_id)(samples)
+
+
+@pytest.mark.parametrize("rows", ["padded", "full"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_right_padded_batches_without_the_mask_give_the_masked_loss_gradients_and_logits(lit, rows, attn):
+    """Right padding under causal attention: the mask-free forward (the collator's `right_padded`)
+    equals the masked one at every real position, in the loss, its count, every gradient and logits."""
+    lm = lit.model.language_model
+    batch = _collated(lit.model, lit.model.image_token_id) if rows == "padded" else _full_rows(lit.model)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == (3 if rows == "padded" else 1) and batch["right_padded"] is True
+    masked = {**batch, "right_padded": False}
+    assert lit._padding_mask(batch) is None and lit._padding_mask(masked) is batch["attention_mask"]
+    lm.set_attn_implementation(attn)
+    try:
+        lit.zero_grad(set_to_none=True)
+        ref = lit(masked)
+        ref.loss_sum.backward()
+        ref_grads = _grads(lit.model)
+        lit.zero_grad(set_to_none=True)
+        out = lit(batch)
+        out.loss_sum.backward()
+        grads = _grads(lit.model)
+        assert int(out.num_supervised) == int(ref.num_supervised) > 0
+        torch.testing.assert_close(out.loss_sum.detach(), ref.loss_sum.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=0)
+        assert_grads_close(grads, ref_grads, rel=1e-5)
+        torch.testing.assert_close(_real_logits(lit, batch), _real_logits(lit, masked), rtol=1e-5, atol=1e-5)
+    finally:
+        lm.set_attn_implementation("sdpa")
+
+
+class _SdpaCalls:
+    """Records the attention calls of the language model (not the vision tower's) through
+    `torch.nn.functional.scaled_dot_product_attention`, which transformers' sdpa attention calls."""
+
+    def __init__(self, monkeypatch, lm):
+        self.calls: list[dict] = []
+        self.inside = False
+        sdpa = F.scaled_dot_product_attention
+
+        def recorded(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+            if self.inside:
+                self.calls.append(
+                    {
+                        "mask": None if attn_mask is None else tuple(attn_mask.shape),
+                        "is_causal": is_causal,
+                        "gqa": bool(kwargs.get("enable_gqa", False)),
+                        "kv_heads": key.shape[1],
+                    }
+                )
+            return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+        decoder = lm.get_decoder()
+        self.hooks = [
+            decoder.register_forward_pre_hook(lambda *_: setattr(self, "inside", True)),
+            decoder.register_forward_hook(lambda *_: setattr(self, "inside", False)),
+        ]
+
+    def take(self) -> list[dict]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def test_the_training_and_validation_forward_of_a_right_padded_batch_materializes_no_mask(lit, monkeypatch):
+    """sdpa runs with `is_causal=True`, no `attn_mask` and native GQA (`enable_gqa`, the 2 KV heads
+    not repeated to 4); the same batch with its mask (a batch not marked `right_padded`) gets a
+    `[B, 1, T, T]` mask and repeated K/V, which is what this test would see if the module passed it."""
+    model = lit.model
+    config = model.language_model.config
+    batch = _collated(model, model.image_token_id)
+    b, t = batch["input_ids"].shape
+    recorder = _SdpaCalls(monkeypatch, model.language_model)
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    assert kv_heads < config.num_attention_heads
+    free = {"mask": None, "is_causal": True, "gqa": True, "kv_heads": kv_heads}
+    masked = {"mask": (b, 1, t, t), "is_causal": False, "gqa": False, "kv_heads": config.num_attention_heads}
+    try:
+        lit(batch).loss_sum.backward()  # the training forward (the LM head on supervised rows only)
+        assert recorder.take() == [free] * layers
+        lit.validation_step(batch, 0)  # the logits forward
+        assert recorder.take() == [free] * layers
+        lit({**batch, "right_padded": False})
+        assert recorder.take() == [masked] * layers
+    finally:
+        lit.zero_grad(set_to_none=True)
+        for metric in (lit.val_loss_sum, lit.val_tokens, lit.val_correct):
+            metric.reset()
+        for hook in recorder.hooks:
+            hook.remove()
+
+
+_UNSET = object()
+
+
+def test_the_mask_stays_where_no_mask_would_change_real_positions(lit):
+    """Batches not marked right-padded (a notebook's, left-padded prompts) keep their mask, and so does a
+    bidirectional LM (`config.is_causal=False`, where pads would be attended to); packed rows pass none."""
+    batch = _collated(lit.model, lit.model.image_token_id)
+    unmarked = {k: v for k, v in batch.items() if k != "right_padded"}
+    assert lit._padding_mask(unmarked) is batch["attention_mask"]
+    config = lit.model.language_model.config
+    saved = config.__dict__.get("is_causal", _UNSET)
+    config.is_causal = False
+    try:
+        assert lit._padding_mask(batch) is batch["attention_mask"]
+    finally:
+        if saved is _UNSET:
+            del config.is_causal
+        else:
+            config.is_causal = saved
+    ids = torch.arange(3, 9)
+    text = {"input_ids": ids, "labels": ids, "pixel_values": torch.zeros(0, 3, 8, 8)}
+    packed = LlavaCollator(0, pack_tokens=64)([text])
+    assert "right_padded" not in packed and lit._padding_mask(packed) is None

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, quiet_trainer
 
 from llava_lightning.batch import count_supervised
 from llava_lightning.cli import main
@@ -344,8 +344,6 @@ def test_datamodule_groups_real_samples_with_step_tokens_and_resume(shapes_dir, 
 
 
 def test_a_fit_trains_on_the_grouped_order_over_two_epochs(shapes_dir, tmp_path):
-    import lightning as L
-
     from llava_lightning.module import LlavaLitModule
 
     source = SourceConfig(
@@ -354,15 +352,7 @@ def test_a_fit_trains_on_the_grouped_order_over_two_epochs(shapes_dir, tmp_path)
         image_root=str(shapes_dir / "instruct"),
     )
     dm = LlavaDataModule(train=[source], batch_size=8, num_workers=0, seed=0, group_by_length=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(LlavaLitModule(preset="tiny", stage="finetune"), datamodule=dm)
     used = trainer.train_dataloader.sampler  # Lightning kept our sampler and moved it to epoch 1
     assert isinstance(used, EpochSampler) and used.grouping is not None and used.epoch == 1

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
 from llava_lightning.data import LlavaDataModule, SourceConfig
@@ -167,18 +168,6 @@ def _instruct_dm(shapes_dir, batch_size, **kw):
     )
 
 
-def _trainer(tmp_path, **kw):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
-
-
 def test_accumulation_with_uneven_lengths_gives_the_large_batch_gradient(shapes_dir, tmp_path):
     grads = []
     for batch, accumulate in [(4, 1), (2, 2), (1, 4)]:
@@ -186,7 +175,7 @@ def test_accumulation_with_uneven_lengths_gives_the_large_batch_gradient(shapes_
         lit = RecordingLit(preset="tiny", stage="finetune")
         dm = _instruct_dm(shapes_dir, batch)
         rec = GradRecorder()
-        _trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, callbacks=[rec]).fit(
+        quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, callbacks=[rec]).fit(
             lit, datamodule=dm
         )
         grads.append(rec.grads[0])
@@ -214,7 +203,7 @@ def test_the_short_last_group_of_an_epoch_gives_its_large_batch_gradient(shapes_
     for batch, accumulate, batches, step in [(4, 3, 8, 2), (8, 1, 4, 3)]:
         torch.manual_seed(0)
         lit = StepGradRecorder(preset="tiny", stage="finetune", optim=OptimConfig(lr=0.0))
-        trainer = _trainer(
+        trainer = quiet_trainer(
             tmp_path, max_epochs=1, limit_train_batches=batches, accumulate_grad_batches=accumulate
         )
         trainer.fit(lit, datamodule=_instruct_dm(shapes_dir, batch))
@@ -239,7 +228,7 @@ def test_every_projector_type_runs_a_forward_and_a_training_step(shapes_dir, tmp
     out = model(ids, pixel_values=image_batch(model, 1), labels=ids)
     assert torch.isfinite(out.loss) and out.logits.shape[:2] == ids.shape
     before = {n: p.detach().clone() for n, p in lit.named_parameters() if p.requires_grad}
-    _trainer(tmp_path, max_steps=1).fit(lit, datamodule=_instruct_dm(shapes_dir, 2))
+    quiet_trainer(tmp_path, max_steps=1).fit(lit, datamodule=_instruct_dm(shapes_dir, 2))
     changed = {n for n, p in lit.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert any(n.startswith("model.language_model.") for n in changed)
     projector_weights = {n for n in before if n.startswith("model.multi_modal_projector.")}
@@ -290,7 +279,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_runs_next_losses(
             )
             dm = _instruct_dm(shapes_dir, 4, mixture_epoch_length=48)
             dm.train_sources = [*dm.train_sources, mc]
-        trainer = _trainer(
+        trainer = quiet_trainer(
             tmp_path,
             max_steps=steps,
             max_epochs=max_epochs,
@@ -319,7 +308,7 @@ def test_align_writes_a_projector_artifact_that_stage_2_loads(shapes_dir, tmp_pa
         batch_size=8,
         num_workers=0,
     )
-    _trainer(tmp_path, max_steps=3).fit(lit, datamodule=dm)
+    quiet_trainer(tmp_path, max_steps=3).fit(lit, datamodule=dm)
     artifact = tmp_path / "projector.safetensors"
     assert artifact.exists() and artifact.with_suffix(".json").exists()
     trained = lit.model.multi_modal_projector.state_dict()
@@ -333,7 +322,7 @@ def test_validation_reports_loss_perplexity_and_accuracy(shapes_dir, tmp_path):
     lit = LlavaLitModule(preset="tiny", stage="finetune")
     dm = _instruct_dm(shapes_dir, 8)
     dm.val_sources = dm.train_sources
-    metrics = _trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule=dm)[0]
+    metrics = quiet_trainer(tmp_path, limit_val_batches=2).validate(lit, datamodule=dm)[0]
     assert metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val/loss"])).item(), rel=1e-4)
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
     assert metrics["val/loss"] > 0

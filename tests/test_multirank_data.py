@@ -5,14 +5,13 @@ JSON sampler pads with counted `padding` slots instead of repeating samples."""
 
 import io
 import json
-import multiprocessing
-import socket
 import tarfile
 from collections import Counter
 from datetime import timedelta
 
 import pytest
 import torch
+from conftest import run_ranks
 from torch.utils.data import DataLoader
 
 from llava_lightning.data import captions, sampler
@@ -273,22 +272,9 @@ def _rank_main(rank, world, port, root, out):
 
 
 def test_two_gloo_ranks_with_two_workers_stay_in_step_and_read_each_sample_once(uneven, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     records = [{"id": str(i), "conversations": []} for i in range(9)]  # 9 records: odd
     (tmp_path / "instruct.json").write_text(json.dumps(records))
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, uneven, tmp_path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung and [p.exitcode for p in procs] == [0, 0], "a rank hung or failed"
+    run_ranks(_rank_main, uneven, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name in ("one_pass", "resampled", "instruct"):
         assert ranks[0][name]["batches"] == ranks[1][name]["batches"] == ranks[0][name]["len"], name

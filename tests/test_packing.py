@@ -8,15 +8,13 @@ once by two lockstep ranks. Everything in fp32 on the CPU.
 
 import json
 import math
-import multiprocessing
-import socket
 from collections import Counter
 from datetime import timedelta
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer, run_ranks
 from torch.utils.data import DataLoader
 
 from llava_lightning.batch import IGNORE_INDEX, count_supervised
@@ -338,17 +336,7 @@ def _fit(shapes_dir, tmp_path, pack_tokens):
     dm = _SummaryDataModule(
         train=[source], batch_size=4, num_workers=0, max_length=128, pack_tokens=pack_tokens
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(lit, datamodule=dm)
+    quiet_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(lit, datamodule=dm)
     return lit.steps, dm.summary
 
 
@@ -419,22 +407,9 @@ def _rank_main(rank, world, port, root):
 
 
 def test_two_gloo_ranks_with_packing_stay_in_step_and_read_each_sample_once(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     records = [{"id": str(i), "conversations": []} for i in range(13)]  # 13: odd, one padding slot
     (tmp_path / "records.json").write_text(json.dumps(records))
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tmp_path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung and [p.exitcode for p in procs] == [0, 0], "a rank hung or failed"
+    run_ranks(_rank_main, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["batches"] == ranks[1]["batches"] == ranks[0]["len"] == 3  # ceil(7 / 3)
     assert Counter(ranks[0]["ids"] + ranks[1]["ids"]) == Counter(range(13))

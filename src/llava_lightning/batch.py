@@ -30,6 +30,10 @@ class LlavaBatch(TypedDict):
     """`[N, 3, H, W]` the batch's images in sample order (uint8 or normalised floats), or None."""
     skipped: NotRequired[dict[str, int]]
     """Samples the collator dropped, per skip reason."""
+    right_padded: NotRequired[bool]
+    """True when every row of `attention_mask` is 1...1 0...0 (the collator's padded batches, marked on
+    the CPU): under causal attention a real token then attends only to real tokens, and
+    `LlavaLitModule.forward` passes no padding mask (the causal kernel, no `[B, 1, T, T]` mask)."""
     step_tokens: NotRequired[int]
     """Supervised positions of this rank's micro-batches in the batch's optimizer step (set by the
     training loader's look-ahead, `data/step_tokens.py`)."""

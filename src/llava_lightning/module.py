@@ -207,12 +207,11 @@ class LlavaLitModule(L.LightningModule):
     def forward(self, batch: LlavaBatch, return_logits: bool = False):
         # A frozen vision tower runs under no_grad inside `LlavaModel` (through the root module's
         # forward, which FSDP2 requires). Packed rows pass no attention mask: the per-sample
-        # position_ids are what keeps their samples apart (model/packed_attention.py). The collator's
-        # positions keep the step free of host syncs.
-        packed = "position_ids" in batch
+        # position_ids are what keeps their samples apart (model/packed_attention.py); right-padded rows
+        # pass none either (`_padding_mask`). The collator's positions keep the step free of host syncs.
         return self.model(
             batch["input_ids"],
-            None if packed else batch["attention_mask"],
+            self._padding_mask(batch),
             batch.get("pixel_values"),
             batch["labels"],
             position_ids=batch.get("position_ids"),
@@ -222,6 +221,20 @@ class LlavaLitModule(L.LightningModule):
             image_positions=batch.get("image_positions"),
             supervised_positions=batch.get("supervised_positions"),
         )
+
+    def _padding_mask(self, batch: LlavaBatch) -> torch.Tensor | None:
+        """The `attention_mask` the language model needs for `batch`, or None where causal attention
+        alone is exact: then transformers builds no `[B, 1, T, T]` mask and runs sdpa with
+        `is_causal=True` and native GQA (`enable_gqa`, no K/V repeat), flash attention with no unpadding."""
+        if "position_ids" in batch:  # packed rows
+            return None
+        # No mask is exact only for rows 1...1 0...0 (the collator's `right_padded`, read on the host:
+        # no sync) under causal attention, where every real token's keys are earlier, hence real; pad
+        # positions are never scored. Left padding (generation) or a bidirectional LM keeps the mask.
+        causal = getattr(self.model.language_model.config, "is_causal", True)
+        if batch.get("right_padded", False) and causal:
+            return None
+        return batch["attention_mask"]
 
     def training_step(self, batch: LlavaBatch, batch_idx: int) -> torch.Tensor:
         trainer = self.trainer
@@ -253,6 +266,7 @@ class LlavaLitModule(L.LightningModule):
             attention_mask=torch.ones_like(ids),
             labels=torch.full_like(ids, IGNORE_INDEX),
             pixel_values=None,
+            right_padded=True,
         )
         return self(dummy).loss_sum * 0.0
 

@@ -1,5 +1,5 @@
 """Batching: right padding (or packing, `data/packing.py`), attention masks, stacked pixel values,
-skip counts (a `batch.LlavaBatch`)."""
+skip counts (a `batch.LlavaBatch`; padded batches say so in `right_padded`)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ class LlavaCollator:
                 attention_mask=mask,
                 pixel_values=torch.cat(pixels) if pixels else None,
                 skipped=dict(skipped),
+                right_padded=True,
             )
         )
 
