@@ -106,7 +106,10 @@ def test_packed_rows_restart_positions_ignore_boundaries_and_pad_only_the_tail()
     markers = [{"__skipped__": "bad_image", "where": "x"}]
     batch = LlavaCollator(pad_token_id=0, pack_tokens=capacity)(samples + markers)
     rows = first_fit_decreasing(lengths, capacity)
-    assert batch["input_ids"].shape == (len(rows), capacity) and len(rows) < len(samples)
+    # Rows as wide as the fullest one, not `capacity` (here all fit in fewer than 48 tokens).
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    assert width < capacity
+    assert batch["input_ids"].shape == (len(rows), width) and len(rows) < len(samples)
     assert batch["num_samples"] == len(samples) and batch["skipped"] == {"bad_image": 1}
     segments = []
     for r, row in enumerate(rows):
@@ -119,7 +122,7 @@ def test_packed_rows_restart_positions_ignore_boundaries_and_pad_only_the_tail()
             assert torch.equal(batch["labels"][r, start + 1 : start + n], samples[i]["labels"][1:])
             segments.append(n)
             start += n
-        tail = capacity - start
+        tail = width - start
         assert batch["attention_mask"][r].sum() == start and not batch["attention_mask"][r, start:].any()
         assert (batch["labels"][r, start:] == IGNORE_INDEX).all()
         assert torch.equal(batch["position_ids"][r, start:], torch.arange(tail))
@@ -133,11 +136,16 @@ def test_packed_rows_restart_positions_ignore_boundaries_and_pad_only_the_tail()
     # The supervised count is the padded batch's.
     padded = LlavaCollator(pad_token_id=0)(samples)
     assert count_supervised(batch) == count_supervised(padded) > 0
+    # pad_to_multiple_of rounds the width up, never past the capacity.
+    for multiple in (1, 8, 40):
+        rounded = LlavaCollator(pad_token_id=0, pack_tokens=capacity, pad_to_multiple_of=multiple)(samples)
+        assert rounded["input_ids"].shape == (len(rows), min(-(-width // multiple) * multiple, capacity))
+        assert torch.equal(rounded["input_ids"][:, :width], batch["input_ids"])
 
 
 def test_an_all_skipped_batch_packs_to_no_rows():
     batch = LlavaCollator(pad_token_id=0, pack_tokens=16)([{"__skipped__": "bad_image", "where": "x"}])
-    assert batch["input_ids"].shape == (0, 16) and batch["num_samples"] == 0
+    assert batch["input_ids"].shape == (0, 0) and batch["num_samples"] == 0
     assert batch["pixel_values"] is None and batch["cu_seqlens"].tolist() == [0]
 
 
@@ -207,7 +215,8 @@ def test_tail_padding_changes_no_real_tokens_logits(attn):
     total = sum(len(s["input_ids"]) for s in samples)
     with torch.no_grad():  # one row of all samples, without a tail and with a tail of 37 pad tokens
         tight = _forward(lit, LlavaCollator(0, pack_tokens=total)(samples), logits=True).logits
-        tailed = _forward(lit, LlavaCollator(0, pack_tokens=total + 37)(samples), logits=True).logits
+        tailed = LlavaCollator(0, pad_to_multiple_of=total + 37, pack_tokens=total + 37)(samples)
+        tailed = _forward(lit, tailed, logits=True).logits
     assert tight.shape[:2] == (1, total) and tailed.shape[:2] == (1, total + 37)
     assert (tailed[0, :total] - tight[0]).abs().max() < 1e-6
 
@@ -225,8 +234,9 @@ def test_changing_one_sample_leaves_the_other_samples_of_its_row_untouched(attn)
     new_ids[text] = (middle[text] + 17) % 900 + 3  # every text token different
     assert (new_ids[text] != middle[text]).all()
     changed[1] = {**samples[1], "input_ids": new_ids, "pixel_values": 255 - samples[1]["pixel_values"]}
-    collate = LlavaCollator(pad_token_id=0, pack_tokens=capacity)
+    collate = LlavaCollator(pad_token_id=0, pack_tokens=capacity, pad_to_multiple_of=capacity)
     before, after = collate(samples), collate(changed)
+    assert before["input_ids"].shape[1] == capacity
     assert len(before["input_ids"]) == 1
     with torch.no_grad():
         a = _forward(lit, before, logits=True).logits[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -30,11 +31,11 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)  # noqa: T201 (the demo's own progress lines)
 
 
-def _fit(args: list[str]) -> None:
+def _fit(args: list[str], threads: int) -> None:
     """One training stage through `python -m llava_lightning fit` (a fresh process, as a user runs it)."""
     cmd = [sys.executable, "-m", "llava_lightning", "fit", *args]
-    _say("running: " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True, cwd=REPO)
+    _say(f"running (OMP_NUM_THREADS={threads}): " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def _data_is_current(data: Path) -> bool:
@@ -92,8 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1-epochs", type=int, default=1)
     parser.add_argument("--stage2-epochs", type=int, default=3)
+    # The tiny model's matmuls are too small for intra-op threads to pay, and threaded torch slows
+    # down badly when the data worker or another process wants a core (docs/benchmarks.md).
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)  # the evaluation here, as for the training processes
     start = time.perf_counter()
     data, out = REPO / args.data, REPO / args.out
     if not _data_is_current(data):
@@ -120,12 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         f"--seed_everything={args.seed}",
     ]  # fmt: skip
     _fit(["-c", "conf/stage1.yaml", *common, "--trainer.logger.init_args.name=stage1",
-          f"--trainer.max_epochs={args.stage1_epochs}"])  # fmt: skip
+          f"--trainer.max_epochs={args.stage1_epochs}"], args.threads)  # fmt: skip
     stage1_dir = _latest("stage1/version_*", out)
     projector = stage1_dir / "projector.safetensors"
     _say(f"stage 1 done: projector artifact {projector}")
     _fit(["-c", "conf/stage2.yaml", *common, "--trainer.logger.init_args.name=stage2",
-          f"--trainer.max_epochs={args.stage2_epochs}", f"--model.init_projector={projector}"])  # fmt: skip
+          f"--trainer.max_epochs={args.stage2_epochs}", f"--model.init_projector={projector}"], args.threads)  # fmt: skip
     stage2_dir = _latest("stage2/version_*", out)
 
     from .data.synthetic import COLOURS, SHAPES

@@ -1,9 +1,11 @@
-"""GPU checks: a ~1.4B random-init LLaVA trained 20 steps with each of fsdp2, fsdp,
-deepspeed_zero2 and deepspeed_zero3 on one CUDA device, reporting tokens/s, peak memory and MFU.
+"""GPU checks: a ~1.4B random-init LLaVA trained 20 steps on one CUDA device, reporting tokens/s,
+peak memory and MFU, as two sweeps of about 8 minutes each: the speed ladder under fsdp2 (baseline,
+packed, varlen kernel, no checkpointing, compiled; `LLAVA_GPU_SWEEP=speed`, the default) or the
+strategies fsdp2, fsdp, deepspeed_zero2 and deepspeed_zero3 (`LLAVA_GPU_SWEEP=strategies`).
 
-    pytest -m gpu tests/gpu -s                      # on a CUDA machine (skipped without one)
-    python -m llava_lightning.bench.gpu_sweep       # the same sweep as a script
-    LLAVA_GPU_SMOKE=1 pytest -m gpu tests/gpu -s    # the same code path, tiny model on CPU
+    pytest -m gpu tests/gpu -s                                   # on a CUDA machine (skipped without one)
+    python -m llava_lightning.bench.gpu_sweep --mode gpu-speed   # the same ladder as a script (--mode gpu: strategies)
+    LLAVA_GPU_SMOKE=1 pytest -m gpu tests/gpu -s                 # the same code path, tiny model on CPU
 
 The table is printed and written to `strategies_<mode>.md` (path printed) beside `results.jsonl` and
 one log per strategy, in `$LLAVA_GPU_OUT` if set, else the test's tmp_path. The FLOP count
@@ -17,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_lightning.bench.gpu_sweep import GPU, SMOKE, run_all
+from llava_lightning.bench.gpu_sweep import GPU, GPU_SPEED, SMOKE, SMOKE_SPEED, run_all
 
 SMOKE_REQUESTED = os.environ.get("LLAVA_GPU_SMOKE") == "1"
+SWEEP = os.environ.get("LLAVA_GPU_SWEEP", "speed")
 
 
 def _check(summary, mode, strategies=None):
@@ -29,7 +32,7 @@ def _check(summary, mode, strategies=None):
         if r["returncode"] != 0
     }
     assert not failed, f"runs failed (exit code, last error line, log): {failed}"
-    assert [r["strategy"] for r in summary["records"]] == list(strategies or mode.strategies)
+    assert [r["strategy"] for r in summary["records"]] == [label for label, _, _ in mode.runs(strategies)]
     for r in summary["records"]:
         assert r["timed_steps"] == mode.steps - mode.warmup
         for key in ("tokens_per_s", "tflops_per_s_per_device", "mfu", "peak_mem_gib", "step_time_s"):
@@ -45,8 +48,11 @@ def _check(summary, mode, strategies=None):
     reason="needs a CUDA GPU (trains a ~1.4B LLaVA under fsdp2/fsdp/deepspeed); "
     "LLAVA_GPU_SMOKE=1 runs the same path with the tiny model on CPU",
 )
-def test_strategies_throughput_memory_mfu(tmp_path):
-    mode = SMOKE if SMOKE_REQUESTED else GPU
+def test_throughput_memory_mfu(tmp_path):
+    if SWEEP not in ("speed", "strategies"):
+        pytest.fail(f"LLAVA_GPU_SWEEP must be speed or strategies, got {SWEEP!r}")
+    modes = {"speed": (SMOKE_SPEED, GPU_SPEED), "strategies": (SMOKE, GPU)}[SWEEP]
+    mode = modes[0] if SMOKE_REQUESTED else modes[1]
     out = os.environ.get("LLAVA_GPU_OUT")  # where the table, JSON lines and logs go (default tmp_path)
     summary = run_all(mode, tmp_path, out=Path(out) if out else None)
     _check(summary, mode)
@@ -59,3 +65,13 @@ def test_cpu_smoke_of_the_gpu_sweep(tmp_path):
     fsdp2 only (~20 s); `LLAVA_GPU_SMOKE=1 pytest -m gpu tests/gpu` also runs ddp."""
     summary = run_all(SMOKE, tmp_path, strategies=("fsdp2",))
     _check(summary, SMOKE, ("fsdp2",))
+
+
+def test_cpu_smoke_of_the_speed_ladder(tmp_path):
+    """The speed ladder's runs (baseline, packed, packed without checkpointing) with the tiny model on
+    CPU: each trains through the CLI with its own flags and reports every figure."""
+    summary = run_all(SMOKE_SPEED, tmp_path)
+    _check(summary, SMOKE_SPEED)
+    logs = {run["strategy"]: Path(run["log"]).read_text().splitlines()[0] for run in summary["runs"]}
+    assert "--data.pack_tokens=2048" not in logs["baseline"] and "--data.pack_tokens=2048" in logs["packed"]
+    assert "activation_checkpointing.language=none" in logs["packed-no-ckpt"]

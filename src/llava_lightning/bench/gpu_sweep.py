@@ -20,11 +20,18 @@ Two modes share every line of that path:
   Llama-vocabulary model does). Parameters: vision 303M, projector 6.3M, LLM 1.10B.
 - `SMOKE`: the `tiny` preset on CPU in fp32, 3 steps, strategies ddp and fsdp2 (one process each):
   the same CLI, overlay, callback, results file and table, so the GPU script is not an untested stub.
+- `GPU_SPEED` (`--mode gpu-speed`): the same model, data and steps under fsdp2, as a ladder of
+  variants each adding one thing: `baseline` (padded batches, every layer checkpointed, LLaVA's
+  recipe), `packed` (`--data.pack_tokens 2048`, transformers' packed-sequence mask), `packed-varlen`
+  (torch's varlen kernel), `packed-varlen-no-ckpt` (no activation checkpointing),
+  `packed-varlen-no-ckpt-compile` (`--model.compile true`). `SMOKE_SPEED` runs baseline, packed and
+  packed-no-ckpt on CPU.
 
 FLOPs come from `training/flops.py` (`LlavaFlops`; the count is documented there). Tests: `tests/gpu/`.
 
     python -m llava_lightning.bench.gpu_sweep                   # GPU mode (--strategies fsdp2 fsdp ...)
     python -m llava_lightning.bench.gpu_sweep --smoke           # the tiny model on CPU
+    python -m llava_lightning.bench.gpu_sweep --mode gpu-speed  # the speed ladder (GPU_SPEED)
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ BENCH_SPEC = {
 
 @dataclass
 class Mode:
-    """What one sweep over the strategies trains, and where."""
+    """What one sweep trains, and where: one run per strategy, or per variant (`variants`) under one."""
 
     name: str
     strategies: tuple[str, ...]
@@ -101,6 +108,21 @@ class Mode:
     timeout_s: int = 240
     budget_s: int | None = None
     """The whole sweep must finish within this (None: no limit)."""
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Label -> CLI flags: one run per variant under `strategies[0]` instead of one per strategy."""
+
+    def runs(self, only: tuple[str, ...] | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(label, strategy, flags after the strategy YAML) of each run, in order; `only` picks labels."""
+        if self.variants:
+            planned = [(v, self.strategies[0], (*self.extra_flags, *f)) for v, f in self.variants.items()]
+        else:
+            planned = [(s, s, (*self.extra_flags, *self.strategy_flags.get(s, ()))) for s in self.strategies]
+        if only:
+            unknown = set(only) - {label for label, _, _ in planned}
+            if unknown:
+                raise ValueError(f"mode {self.name} has no run {sorted(unknown)}: {[p[0] for p in planned]}")
+            planned = [p for p in planned if p[0] in only]
+        return planned
 
 
 GPU = Mode(
@@ -114,6 +136,32 @@ GPU = Mode(
     model={"preset": None, "spec": BENCH_SPEC},
     timeout_s=150,
     budget_s=480,  # the four runs in under 8 minutes on one H100
+)
+# Issue 16's speed ladder on the same model and data, each step on top of the one before: LLaVA's
+# recipe (padded, every layer checkpointed), packed rows (transformers' packed mask, then torch's
+# varlen kernel), no checkpointing, compiled blocks.
+_PACKED = ("--data.pack_tokens=2048",)
+_VARLEN = (*_PACKED, "--model.spec.language.attn_implementation=llava_varlen")
+_NO_CKPT = ("--model.activation_checkpointing.vision=none", "--model.activation_checkpointing.language=none")
+SPEED_VARIANTS = {
+    "baseline": (),
+    "packed": _PACKED,
+    "packed-varlen": _VARLEN,
+    "packed-varlen-no-ckpt": (*_VARLEN, *_NO_CKPT),
+    "packed-varlen-no-ckpt-compile": (*_VARLEN, *_NO_CKPT, "--model.compile=true"),
+}
+GPU_SPEED = Mode(
+    name="gpu-speed",
+    strategies=("fsdp2",),
+    steps=20,
+    warmup=5,
+    batch_size=16,
+    num_workers=4,
+    accelerator="gpu",
+    model={"preset": None, "spec": BENCH_SPEC},
+    timeout_s=180,  # the compiled run compiles 22 decoder layers first
+    budget_s=480,
+    variants=SPEED_VARIANTS,
 )
 SMOKE = Mode(
     name="smoke",
@@ -131,6 +179,23 @@ SMOKE = Mode(
     },
     timeout_s=180,
 )
+# The speed ladder's code path with the tiny model on CPU: the varlen kernel needs CUDA, and compiling is
+# left out (inductor's C++ build takes minutes here; tests/test_lean_step.py compiles the tiny model's
+# blocks with fullgraph=True).
+SMOKE_SPEED = Mode(
+    name="smoke-speed",
+    strategies=("fsdp2",),
+    steps=3,
+    warmup=1,
+    batch_size=4,
+    num_workers=0,
+    accelerator="cpu",
+    model={"preset": "tiny", "spec": None},
+    extra_flags=(*SMOKE.extra_flags, *SMOKE.strategy_flags["fsdp2"]),
+    timeout_s=180,
+    variants={"baseline": (), "packed": _PACKED, "packed-no-ckpt": (*_PACKED, *_NO_CKPT)},
+)
+MODES = {m.name: m for m in (GPU, GPU_SPEED, SMOKE, SMOKE_SPEED)}
 
 
 def make_data(out: Path, mode: Mode) -> Path:
@@ -141,7 +206,7 @@ def make_data(out: Path, mode: Mode) -> Path:
     return out
 
 
-def overlay(mode: Mode, strategy: str, data: Path, workdir: Path, results: Path) -> Path:
+def overlay(mode: Mode, label: str, data: Path, workdir: Path, results: Path) -> Path:
     """The config file laid over conf/stage2.yaml (JSON, which YAML reads)."""
     cfg = {
         "trainer": {
@@ -155,11 +220,11 @@ def overlay(mode: Mode, strategy: str, data: Path, workdir: Path, results: Path)
             "enable_checkpointing": False,
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "default_root_dir": str(workdir / strategy),
+            "default_root_dir": str(workdir / label),
             "callbacks": [
                 {
                     "class_path": "llava_lightning.bench.throughput.StepThroughput",
-                    "init_args": {"results": str(results), "label": strategy, "warmup": mode.warmup},
+                    "init_args": {"results": str(results), "label": label, "warmup": mode.warmup},
                 }
             ],
         },
@@ -182,21 +247,30 @@ def overlay(mode: Mode, strategy: str, data: Path, workdir: Path, results: Path)
             "num_workers": mode.num_workers,
         },
     }
-    path = workdir / f"overlay-{strategy}.yaml"
+    path = workdir / f"overlay-{label}.yaml"
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
 
 def run_strategy(
-    mode: Mode, strategy: str, data: Path, workdir: Path, results: Path, logs: Path
+    mode: Mode,
+    label: str,
+    strategy: str,
+    flags: tuple[str, ...],
+    data: Path,
+    workdir: Path,
+    results: Path,
+    logs: Path,
 ) -> dict[str, Any]:
-    """One `fit` subprocess; returns {strategy, returncode, wall_s, log} (+ error: its last error line)."""
+    """One `fit` subprocess; returns {strategy (the run's label), returncode, wall_s, log, flags}
+    (+ error: its last error line)."""
     strategy_yaml = REPO / "conf" / "strategy" / f"{strategy}.yaml"
-    log = logs / f"{strategy}.log"
+    log = logs / f"{label}.log"
     if not strategy_yaml.exists():
         log.write_text(f"{strategy_yaml} does not exist\n")
         return {
-            "strategy": strategy,
+            "strategy": label,
+            "flags": flags,
             "returncode": None,
             "wall_s": 0.0,
             "log": str(log),
@@ -205,10 +279,9 @@ def run_strategy(
     cmd = [
         sys.executable, "-m", "llava_lightning", "fit",
         "-c", str(REPO / "conf" / "stage2.yaml"),
-        "-c", str(overlay(mode, strategy, data, workdir, results)),
+        "-c", str(overlay(mode, label, data, workdir, results)),
         "-c", str(strategy_yaml),
-        *mode.extra_flags,
-        *mode.strategy_flags.get(strategy, ()),
+        *flags,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -230,7 +303,13 @@ def run_strategy(
             ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    run = {"strategy": strategy, "returncode": rc, "wall_s": time.perf_counter() - start, "log": str(log)}
+    run = {
+        "strategy": label,
+        "flags": flags,
+        "returncode": rc,
+        "wall_s": time.perf_counter() - start,
+        "log": str(log),
+    }
     if rc != 0:
         errors = [x for x in log.read_text(errors="replace").splitlines() if "Error" in x or "Exception" in x]
         run["error"] = errors[-1].strip()[:300] if errors else ""
@@ -250,11 +329,11 @@ def table(mode: Mode, records: list[dict[str, Any]], runs: list[dict[str, Any]])
     lines = [
         f"Device: {first.get('device', '?')}; {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"mode {mode.name}: {mode.steps} steps ({mode.warmup} warm-up), batch {mode.batch_size}, stage 2 "
-        f"(projector + LLM train), gradient checkpointing; params vision {params.get('vision', 0) / 1e6:.0f}M, "
+        f"(projector + LLM train){'' if mode.variants else ', gradient checkpointing'}; params vision {params.get('vision', 0) / 1e6:.0f}M, "
         f"projector {params.get('projector', 0) / 1e6:.1f}M, LLM {params.get('llm', 0) / 1e6:.0f}M "
         f"(trainable {params.get('trainable', 0) / 1e6:.0f}M); MFU vs {first.get('peak_source', '?')}.",
         "",
-        f"| strategy | precision | tokens/s | step time (s) | TFLOP/s | MFU % | {mem} (GiB) | reserved (GiB) "
+        f"| {'run' if mode.variants else 'strategy'} | precision | tokens/s | step time (s) | TFLOP/s | MFU % | {mem} (GiB) | reserved (GiB) "
         "| vision+proj FLOP share | run wall (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -273,22 +352,18 @@ def table(mode: Mode, records: list[dict[str, Any]], runs: list[dict[str, Any]])
             f"| {_fmt(r['peak_reserved_gib'], '.2f')} | {100 * r['vision_projector_flops_share']:.1f}% "
             f"| {run['wall_s']:.0f} |"
         )
-    flags = [
-        f"{s}: `{' '.join(f)}`" for s, f in mode.strategy_flags.items() if s in {r["strategy"] for r in runs}
-    ]
-    if mode.extra_flags or flags:
-        lines += [
-            "",
-            f"Flags after the strategy YAML: all: `{' '.join(mode.extra_flags) or '-'}`; " + "; ".join(flags),
-        ]
+    under = f" (each under `conf/strategy/{mode.strategies[0]}.yaml`)" if mode.variants else ""
+    flags = [f"{run['strategy']}: `{' '.join(run['flags']) or '-'}`" for run in runs]
+    lines += ["", f"Flags after the strategy YAML{under}: " + "; ".join(flags)]
     return "\n".join(lines)
 
 
 def run_all(
     mode: Mode, workdir: Path, strategies: tuple[str, ...] | None = None, out: Path | None = None
 ) -> dict[str, Any]:
-    """Run every strategy of `mode` (data, overlays, run folders under `workdir`); print the table and
-    write it, the JSON lines and one log per strategy to `out` (default `workdir`): at most 6 files."""
+    """Run every strategy or variant of `mode` (`strategies` picks labels; data, overlays, run folders
+    under `workdir`); print the table and write it, the JSON lines and one log per run to `out`
+    (default `workdir`): at most 6 files."""
     out = out or workdir
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +371,10 @@ def run_all(
     results.unlink(missing_ok=True)
     start = time.perf_counter()
     data = make_data(workdir / "data", mode)
-    runs = [run_strategy(mode, s, data, workdir, results, out) for s in strategies or mode.strategies]
+    runs = [
+        run_strategy(mode, label, strategy, flags, data, workdir, results, out)
+        for label, strategy, flags in mode.runs(strategies)
+    ]
     total = time.perf_counter() - start
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     text = table(mode, records, runs) + f"\n\nWhole sweep: {total:.0f} s wall.\n"
@@ -311,13 +389,20 @@ def run_all(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (ddp, fsdp2)")
-    parser.add_argument("--strategies", nargs="+", help="subset of the mode's strategies")
+    parser.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        help="gpu (strategies, the default), gpu-speed (baseline / packed / no checkpointing / compiled, "
+        "under fsdp2), or their CPU smokes smoke and smoke-speed (--smoke is smoke)",
+    )
+    parser.add_argument("--strategies", nargs="+", help="subset of the mode's strategies or variants")
     parser.add_argument("--out", default=str(REPO / "outputs" / "gpu_checks"), help="table, results, logs")
     parser.add_argument("--workdir", help="data and run folders (default: OUT/work)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out / "work"
-    summary = run_all(SMOKE if args.smoke else GPU, workdir, tuple(args.strategies or ()) or None, out)
+    mode = MODES[args.mode] if args.mode else SMOKE if args.smoke else GPU
+    summary = run_all(mode, workdir, tuple(args.strategies or ()) or None, out)
     failed = [r["strategy"] for r in summary["runs"] if r["returncode"] != 0]
     sys.exit(f"failed: {failed}" if failed else 0)
 

@@ -16,8 +16,9 @@ from .sample import SKIP
 class LlavaCollator:
     """Collates encoded samples; skip markers are dropped and counted in `batch["skipped"]`.
 
-    With `pack_tokens` the kept samples are packed into rows of that many tokens instead of padded
-    to the longest (`packing.pack_samples`; `pad_to_multiple_of` is then unused).
+    With `pack_tokens` the kept samples are packed into rows of at most that many tokens instead of
+    padded to the longest (`packing.pack_samples`; rows as wide as the fullest, rounded up to
+    `pad_to_multiple_of`).
     """
 
     def __init__(
@@ -31,7 +32,7 @@ class LlavaCollator:
         Args:
             pad_token_id: Id right-padding fills `input_ids` with.
             pad_to_multiple_of: Round the padded length up to a multiple of this.
-            pack_tokens: Pack the kept samples into rows of this many tokens (None: pad each batch).
+            pack_tokens: Pack the kept samples into rows of at most this many tokens (None: pad each batch).
             image_token_id: The image-token id; when set, batches also carry the step's positions
                 (`add_step_positions`).
         """
@@ -44,7 +45,7 @@ class LlavaCollator:
         skipped = Counter(s[SKIP] for s in samples if SKIP in s)
         kept = [s for s in samples if SKIP not in s]
         if self.pack_tokens is not None:  # every key the padded path builds below, built for packed rows
-            packed = pack_samples(kept, self.pack_tokens, self.pad_token_id)
+            packed = pack_samples(kept, self.pack_tokens, self.pad_token_id, self.pad_to_multiple_of)
             return self.add_step_positions(LlavaBatch(**packed, skipped=dict(skipped)))
         length = max((len(s["input_ids"]) for s in kept), default=0)
         if self.pad_to_multiple_of and length:

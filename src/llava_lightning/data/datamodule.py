@@ -179,8 +179,8 @@ class LlavaDataModule(L.LightningDataModule):
                 (LLaVA's group_by_modality_length); one instruct training source only.
             group_megabatch: With group_by_length: steps (ranks x batch_size samples) sorted by length
                 together; larger pads less, capped at a quarter of the epoch.
-            pack_tokens: Pack each batch's samples into rows of this many tokens (first-fit decreasing, each
-                sample attending only to itself) instead of padding them to the longest; >= max_length.
+            pack_tokens: Pack each batch's samples into rows of at most this many tokens (first-fit decreasing,
+                each sample attending only to itself) instead of padding them to the longest; >= max_length.
             tokenizer: The model's tokenizer (linked from the model by the CLI; or call `connect(model)`).
             image_settings: The model's image size / mean / std / image-token count (linked like the tokenizer).
             stage: The model's training stage (linked by the CLI); picks `train` / `val` when keyed by stage.
