@@ -31,11 +31,14 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)  # noqa: T201 (the demo's own progress lines)
 
 
-def _fit(args: list[str], threads: int) -> None:
+def _fit(args: list[str], threads: int | None) -> None:
     """One training stage through `python -m llava_lightning fit` (a fresh process, as a user runs it)."""
     cmd = [sys.executable, "-m", "llava_lightning", "fit", *args]
-    _say(f"running (OMP_NUM_THREADS={threads}): " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    _say("running: " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
 def _data_is_current(data: Path) -> bool:
@@ -93,14 +96,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1-epochs", type=int, default=1)
     parser.add_argument("--stage2-epochs", type=int, default=3)
-    # The tiny model's matmuls are too small for intra-op threads to pay, and threaded torch slows
-    # down badly when the data worker or another process wants a core (docs/benchmarks.md).
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (OMP_NUM_THREADS)")
+    # Two threads halve a step on an idle 2-core machine, but threaded torch slows down several-fold
+    # when another process wants a core: --threads 1 on a busy machine (docs/experiments.md).
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads of every process (OMP_NUM_THREADS; default torch's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import torch
+    if args.threads is not None:
+        import torch
 
-    torch.set_num_threads(args.threads)  # the evaluation here, as for the training processes
+        torch.set_num_threads(args.threads)  # the evaluation here, as in the training processes
     start = time.perf_counter()
     data, out = REPO / args.data, REPO / args.out
     if not _data_is_current(data):
