@@ -55,7 +55,7 @@ def test_packing_bench_line_format(tiny_run):
         r"batch 6, pack_tokens 32, median of 2 steps: "
         r"padded \d+ tok/s \(pad \d+\.\d%, 6\.0 rows/step\), packed \d+ tok/s \(pad \d+\.\d%, \d+\.\d rows/step\), "
         r"ratio \d+\.\d\d \(goal >= 1\.5; positions padded / packed \d+\.\d\d\); "
-        r"full-scale pad \d+\.\d% / \d+\.\d%$"
+        r"the mix over 20000 samples at full scale: pad \d+\.\d% / \d+\.\d%, positions ratio \d+\.\d\d$"
     )
     assert re.match(pattern, line), line
 

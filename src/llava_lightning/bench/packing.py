@@ -40,7 +40,8 @@ step times). Beside it: the median ratio of the steps' positions (padded / packe
 the ratio if a step's time were proportional to the positions it computes. The default of 20 steps is
 for the batches' sake more than the clock's: one batch's positions ratio varies a lot (standard
 deviation ~0.28 at batch 16, by whether it holds a long sample), so the median of 5 steps is within
-~0.15 of the mix's, of 20 within ~0.07.
+~0.15 of the mix's, of 20 within ~0.07 (one standard deviation). So the line also gives the mix's
+long-run padded and packed shares and positions ratio, from 20,000 samples' lengths at full scale.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ TEXT_ONLY_SHARE = 40_000 / 665_298
 """mix665k's ShareGPT share (~6.0%)."""
 TEXT_ONLY_RANGE = (50, 1500)
 """Tokens of a text-only sample, uniform."""
+MIX_SAMPLES = 20_000
+"""Samples over which the mix's long-run padded and packed shares are reported (lengths only, no model)."""
 
 PACKING_SPEC = copy.deepcopy(BENCH_SPEC)
 PACKING_SPEC.vision.config["image_size"] = 112  # 8 x 8 patches of 14 px: 64 image tokens, 1/9 of 576
@@ -197,8 +200,9 @@ def run(
 
     timed = batches[warmup:]
     real = [_real_tokens(p) for p, _ in timed]
-    full_lengths = [m.text + (FULL_IMAGE_TOKENS if m.image else 0) for m in mixes[warmup * batch :]]
-    full_padded, full_packed = fill(full_lengths, FULL_MAX_LENGTH * pack_tokens // max_length, batch)
+    # The mix's long-run shares at full scale (the timed batches are a small sample of it).
+    mix = [m.text + (FULL_IMAGE_TOKENS if m.image else 0) for m in full_scale_lengths(MIX_SAMPLES, seed)]
+    mix_padded, mix_packed = fill(mix, FULL_MAX_LENGTH * pack_tokens // max_length, batch)
 
     def arm(k: int) -> dict[str, float]:
         positions = sum(pair[k]["input_ids"].numel() for pair in timed)
@@ -224,7 +228,8 @@ def run(
         "image_tokens": n_img,
         "max_length": max_length,
         "pack_tokens": pack_tokens,
-        "full_scale_pad_share": (full_padded, full_packed),
+        "mix_pad_share": (mix_padded, mix_packed),
+        "mix_positions_ratio": (1 - mix_packed) / (1 - mix_padded),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "attention": getattr(model.language_model.config, "_attn_implementation", None),
         "batches": batches,
@@ -234,7 +239,7 @@ def run(
 def format_line(r: dict[str, Any]) -> str:
     """The `[packing]` line of `make bench`."""
     pad, pk = r["padded"], r["packed"]
-    full_pad, full_pack = r["full_scale_pad_share"]
+    mix_pad, mix_pack = r["mix_pad_share"]
     return (
         f"[packing] LLaVA-665K-like mix scaled {r['image_tokens']}/{FULL_IMAGE_TOKENS} (max_length "
         f"{r['max_length']}), {r['params_m']:.0f}M params, {r['attention']}, {torch.get_num_threads()} "
@@ -242,7 +247,8 @@ def format_line(r: dict[str, Any]) -> str:
         f"padded {pad['tokens_per_s']:.0f} tok/s (pad {pad['pad_share']:.1%}, {pad['rows']:.1f} rows/step), "
         f"packed {pk['tokens_per_s']:.0f} tok/s (pad {pk['pad_share']:.1%}, {pk['rows']:.1f} rows/step), "
         f"ratio {r['ratio']:.2f} (goal >= 1.5; positions padded / packed {r['positions_ratio']:.2f}); "
-        f"full-scale pad {full_pad:.1%} / {full_pack:.1%}"
+        f"the mix over {MIX_SAMPLES} samples at full scale: pad {mix_pad:.1%} / {mix_pack:.1%}, "
+        f"positions ratio {r['mix_positions_ratio']:.2f}"
     )
 
 
