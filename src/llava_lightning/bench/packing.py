@@ -9,7 +9,7 @@ them text-only ShareGPT conversations and the rest with one image (docs: llava-f
   assumption, not a measured histogram (none is recorded here): most of mix665k is short-answer
   VQA, OCR and region conversations, merged into a few turns per image, while LLaVA-Instruct's
   conversations and detailed descriptions reach several hundred tokens. It is the mix of
-  `tests/test_packing.py` and docs/design/packing.md;
+  `tests/test_packing.py` and docs/design/packing.md (which take 5% text-only samples);
 - 40,000 / 665,298 = 6.0% of samples are text-only, 50..1500 tokens uniform (long multi-turn
   ShareGPT conversations; also an assumption);
 - each sample is truncated to `max_length` = 2048 (LLaVA-1.5's), which this mix never reaches.
@@ -19,7 +19,7 @@ the answers of a conversation); image tokens never are.
 
 Scaling, to keep a CPU run to a couple of minutes: every length (image tokens, text, max_length,
 pack_tokens) is multiplied by the same factor, image tokens / 576, and rounded, so the padded and
-packed shares are the full-scale mix's up to rounding (both are printed). The default model is
+packed shares are the full-scale mix's up to rounding (`tests/test_bench.py`). The default model is
 `model_step`'s CLIP-small + Llama-small (hidden 512, MLP 1376, 8 layers) at 112 px, 64 image tokens:
 a factor of 1/9, max_length and pack_tokens 228. The LLM's width is scaled by about the same factor
 as the lengths (4096 -> 512 against 2048 -> 228), so attention's share of the step (~T/6d) stays near
