@@ -44,7 +44,10 @@ def test_packing_bench_arms_process_the_same_samples_and_tokens(tiny_run):
     # Packing: fewer rows and a lower padded share, every row exactly pack_tokens long.
     assert r["packed"]["pad_share"] < r["padded"]["pad_share"]
     assert r["packed"]["rows"] < r["padded"]["rows"] == 6
-    assert all(p["input_ids"].shape[1] == r["pack_tokens"] == r["max_length"] for _, p in r["batches"])
+    assert r["pack_tokens"] == r["max_length"]
+    # Packed rows are as wide as the fullest one, never past pack_tokens.
+    for _, p in r["batches"]:
+        assert p["input_ids"].shape[1] == int(p["attention_mask"].sum(1).max()) <= r["pack_tokens"]
     assert r["padded"]["tokens_per_s"] > 0 and r["packed"]["tokens_per_s"] > 0 and r["ratio"] > 0
 
 

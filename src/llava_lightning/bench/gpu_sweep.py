@@ -24,8 +24,9 @@ Two modes share every line of that path:
   variants each adding one thing: `baseline` (padded batches, every layer checkpointed, LLaVA's
   recipe), `packed` (`--data.pack_tokens 2048`, transformers' packed-sequence mask), `packed-varlen`
   (torch's varlen kernel), `packed-varlen-no-ckpt` (no activation checkpointing),
-  `packed-varlen-no-ckpt-compile` (`--model.compile true`). `SMOKE_SPEED` runs baseline, packed and
-  packed-no-ckpt on CPU.
+  `packed-varlen-no-ckpt-compile` (`--model.compile true`), on text lengths drawn as LLaVA-665K's
+  (`mix665k_like`: the synthetic conversations are short, so they would hide what padding costs).
+  `SMOKE_SPEED` runs baseline, packed and packed-no-ckpt on CPU.
 
 FLOPs come from `training/flops.py` (`LlavaFlops`; the count is documented there). Tests: `tests/gpu/`.
 
@@ -110,6 +111,8 @@ class Mode:
     """The whole sweep must finish within this (None: no limit)."""
     variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Label -> CLI flags: one run per variant under `strategies[0]` instead of one per strategy."""
+    lengths: str = "shapes"
+    """Training text lengths: `shapes` (the synthetic conversations, short) or `665k` (`mix665k_like`)."""
 
     def runs(self, only: tuple[str, ...] | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
         """(label, strategy, flags after the strategy YAML) of each run, in order; `only` picks labels."""
@@ -162,6 +165,7 @@ GPU_SPEED = Mode(
     timeout_s=180,  # the compiled run compiles 22 decoder layers first
     budget_s=480,
     variants=SPEED_VARIANTS,
+    lengths="665k",
 )
 SMOKE = Mode(
     name="smoke",
@@ -194,19 +198,73 @@ SMOKE_SPEED = Mode(
     extra_flags=(*SMOKE.extra_flags, *SMOKE.strategy_flags["fsdp2"]),
     timeout_s=180,
     variants={"baseline": (), "packed": _PACKED, "packed-no-ckpt": (*_PACKED, *_NO_CKPT)},
+    lengths="665k",
 )
 MODES = {m.name: m for m in (GPU, GPU_SPEED, SMOKE, SMOKE_SPEED)}
 
 
 def make_data(out: Path, mode: Mode) -> Path:
-    """Synthetic-shapes instruction data with enough samples for one epoch of `mode.steps` batches."""
+    """Instruction data with enough samples for one epoch of `mode.steps` batches: the synthetic
+    shapes set, and for `lengths="665k"` also `instruct/mix665k_like.json` (`mix665k_like`); returns
+    the training JSON."""
     n = (mode.steps + 2) * mode.batch_size
     if not (out / "instruct" / "llava_instruct.json").exists():
         generate(out, seed=0, n_captions=4, n_instruct=n, n_eval=4, shard_size=4, n_mc_train=4, n_val=4)
-    return out
+    if mode.lengths == "shapes":
+        return out / "instruct" / "llava_instruct.json"
+    if mode.lengths != "665k":
+        raise ValueError(f"lengths must be shapes or 665k, got {mode.lengths!r}")
+    path = out / "instruct" / "mix665k_like.json"
+    if not path.exists():
+        path.write_text(json.dumps(mix665k_like(out / "instruct", n)))
+    return path
 
 
-def overlay(mode: Mode, label: str, data: Path, workdir: Path, results: Path) -> Path:
+def mix665k_like(instruct: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` LLaVA-format records whose Vicuna-encoded text lengths follow `bench.packing`'s LLaVA-665K-like
+    mix (6% text-only; image samples 576 image tokens at LLaVA-1.5 scale plus log-normal text), over
+    the synthetic images in `instruct`. The answer is filler words sized, with the offline `tiny:llama`
+    tokenizer, so that the encoded text (template, question and answer) comes within a few tokens of
+    the drawn length; a drawn length below the template's own tokens (~40) gets a one-word answer."""
+    from ..data.templates import get_template
+    from ..model.language_model import add_image_token
+    from ..model.tiny_tokenizer import build_tiny_tokenizer
+    from .packing import full_scale_lengths
+
+    tokenizer = build_tiny_tokenizer("llama")
+    add_image_token(tokenizer)
+    template = get_template("vicuna_v1")
+    images = sorted(
+        r["image"]
+        for r in json.loads((instruct / "llava_instruct.json").read_text())
+        if isinstance(r.get("image"), str)
+    )
+    words = ("red", "blue", "green", "circle", "square", "star", "top", "left", "center", "shape")
+
+    def conversation(image: bool, n_words: int) -> list[dict[str, str]]:
+        question = "<image>\nDescribe the image in detail." if image else "Tell me about shapes."
+        answer = " ".join(words[i % len(words)] for i in range(n_words))
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    def text_tokens(image: bool, n_words: int) -> int:
+        return len(template.encode(conversation(image, n_words), tokenizer, num_image_tokens=0)["input_ids"])
+
+    records = []
+    for i, mix in enumerate(full_scale_lengths(n, seed)):
+        base = text_tokens(mix.image, 1)
+        per_word = (text_tokens(mix.image, 101) - base) / 100
+        n_words = max(1, 1 + round((mix.text - base) / per_word))
+        record: dict[str, Any] = {
+            "id": f"mix665k-like-{i:06d}",
+            "conversations": conversation(mix.image, n_words),
+        }
+        if mix.image:
+            record["image"] = images[i % len(images)]
+        records.append(record)
+    return records
+
+
+def overlay(mode: Mode, label: str, train_json: Path, workdir: Path, results: Path) -> Path:
     """The config file laid over conf/stage2.yaml (JSON, which YAML reads)."""
     cfg = {
         "trainer": {
@@ -238,8 +296,8 @@ def overlay(mode: Mode, label: str, data: Path, workdir: Path, results: Path) ->
             "train": [
                 {
                     "kind": "instruct",
-                    "path": str(data / "instruct" / "llava_instruct.json"),
-                    "image_root": str(data / "instruct"),
+                    "path": str(train_json),
+                    "image_root": str(train_json.parent),
                 }
             ],
             "val": None,
@@ -257,7 +315,7 @@ def run_strategy(
     label: str,
     strategy: str,
     flags: tuple[str, ...],
-    data: Path,
+    train_json: Path,
     workdir: Path,
     results: Path,
     logs: Path,
@@ -279,7 +337,7 @@ def run_strategy(
     cmd = [
         sys.executable, "-m", "llava_lightning", "fit",
         "-c", str(REPO / "conf" / "stage2.yaml"),
-        "-c", str(overlay(mode, label, data, workdir, results)),
+        "-c", str(overlay(mode, label, train_json, workdir, results)),
         "-c", str(strategy_yaml),
         *flags,
     ]  # fmt: skip
@@ -370,9 +428,9 @@ def run_all(
     results = out / "results.jsonl"
     results.unlink(missing_ok=True)
     start = time.perf_counter()
-    data = make_data(workdir / "data", mode)
+    train_json = make_data(workdir / "data", mode)
     runs = [
-        run_strategy(mode, label, strategy, flags, data, workdir, results, out)
+        run_strategy(mode, label, strategy, flags, train_json, workdir, results, out)
         for label, strategy, flags in mode.runs(strategies)
     ]
     total = time.perf_counter() - start

@@ -68,6 +68,7 @@ def make_batch(
     g = torch.Generator().manual_seed(seed)
     n_img = model.vision_tower.num_tokens
     ids = torch.randint(3, 30000, (batch, seq), generator=g)
+    ids[ids == model.image_token_id] = 3  # text never holds the image token (its count must match)
     ids[:, 0] = 1
     ids[:, 1 : 1 + n_img] = model.image_token_id
     labels = ids.clone()
