@@ -44,7 +44,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,17 +153,11 @@ SPEED_VARIANTS = {
     "packed-varlen-no-ckpt": (*_VARLEN, *_NO_CKPT),
     "packed-varlen-no-ckpt-compile": (*_VARLEN, *_NO_CKPT, "--model.compile=true"),
 }
-GPU_SPEED = Mode(
+GPU_SPEED = replace(
+    GPU,
     name="gpu-speed",
     strategies=("fsdp2",),
-    steps=20,
-    warmup=5,
-    batch_size=16,
-    num_workers=4,
-    accelerator="gpu",
-    model={"preset": None, "spec": BENCH_SPEC},
     timeout_s=180,  # the compiled run compiles 22 decoder layers first
-    budget_s=480,
     variants=SPEED_VARIANTS,
     lengths="665k",
 )
@@ -186,17 +180,12 @@ SMOKE = Mode(
 # The speed ladder's code path with the tiny model on CPU: the varlen kernel needs CUDA, and compiling is
 # left out (inductor's C++ build takes minutes here; tests/test_lean_step.py compiles the tiny model's
 # blocks with fullgraph=True).
-SMOKE_SPEED = Mode(
+SMOKE_SPEED = replace(
+    SMOKE,
     name="smoke-speed",
     strategies=("fsdp2",),
-    steps=3,
-    warmup=1,
-    batch_size=4,
-    num_workers=0,
-    accelerator="cpu",
-    model={"preset": "tiny", "spec": None},
     extra_flags=(*SMOKE.extra_flags, *SMOKE.strategy_flags["fsdp2"]),
-    timeout_s=180,
+    strategy_flags={},
     variants={"baseline": (), "packed": _PACKED, "packed-no-ckpt": (*_PACKED, *_NO_CKPT)},
     lengths="665k",
 )
