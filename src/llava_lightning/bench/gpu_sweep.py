@@ -238,10 +238,14 @@ def mix665k_like(instruct: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     def text_tokens(image: bool, n_words: int) -> int:
         return len(template.encode(conversation(image, n_words), tokenizer, num_image_tokens=0)["input_ids"])
 
+    # (tokens of a one-word answer, tokens per further word), per kind: image or text-only.
+    sizes = {
+        image: (text_tokens(image, 1), (text_tokens(image, 101) - text_tokens(image, 1)) / 100)
+        for image in (True, False)
+    }
     records = []
     for i, mix in enumerate(full_scale_lengths(n, seed)):
-        base = text_tokens(mix.image, 1)
-        per_word = (text_tokens(mix.image, 101) - base) / 100
+        base, per_word = sizes[mix.image]
         n_words = max(1, 1 + round((mix.text - base) / per_word))
         record: dict[str, Any] = {
             "id": f"mix665k-like-{i:06d}",

@@ -133,15 +133,17 @@ def make_samples(
 
 
 def fill(lengths: list[int], capacity: int, batch: int) -> tuple[float, float]:
-    """Padded-token shares (padded, packed) of `lengths` in batches of `batch` (no model, any scale)."""
-    from ..data.packing import first_fit_decreasing
+    """Padded-token shares (padded, packed) of `lengths` in batches of `batch` (no model, any scale),
+    with the collator's row layout (`data.packing`)."""
+    from ..data.packing import first_fit_decreasing, row_width
 
     real = padded = packed = 0
     for start in range(0, len(lengths), batch):
         chunk = lengths[start : start + batch]
         real += sum(chunk)
         padded += len(chunk) * max(chunk)
-        packed += len(first_fit_decreasing(chunk, capacity)) * capacity
+        rows = first_fit_decreasing(chunk, capacity)
+        packed += len(rows) * row_width(chunk, rows, capacity)
     return 1 - real / padded, 1 - real / packed
 
 

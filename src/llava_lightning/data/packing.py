@@ -51,6 +51,17 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return sorted((sorted(row) for row in rows), key=lambda row: row[0])
 
 
+def row_width(
+    lengths: Sequence[int], rows: list[list[int]], capacity: int, multiple_of: int | None = None
+) -> int:
+    """The width of packed `rows` of samples with `lengths`: the fullest row's tokens, rounded up to
+    `multiple_of`, never past `capacity`."""
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
+    if multiple_of and width:
+        width = min(-(-width // multiple_of) * multiple_of, max(capacity, width))
+    return width
+
+
 def pack_samples(
     samples: list[dict[str, Any]], capacity: int, pad_token_id: int, multiple_of: int | None = None
 ) -> dict[str, Any]:
@@ -63,9 +74,7 @@ def pack_samples(
     CPU smoke)."""
     lengths = [len(s["input_ids"]) for s in samples]
     rows = first_fit_decreasing(lengths, capacity)
-    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
-    if multiple_of and width:
-        width = min(-(-width // multiple_of) * multiple_of, max(capacity, width))
+    width = row_width(lengths, rows, capacity, multiple_of)
     shape = (len(rows), width)
     ids = torch.full(shape, int(pad_token_id), dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
