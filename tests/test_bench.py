@@ -41,22 +41,24 @@ def test_packing_bench_arms_process_the_same_samples_and_tokens(tiny_run):
         assert len(padded["pixel_values"]) == len(packed["pixel_values"])
     assert r["padded"]["real_tokens"] == r["packed"]["real_tokens"] > 0
     assert r["padded"]["supervised"] == r["packed"]["supervised"] > 0
-    # Packing: fewer rows and a lower padded share, every row exactly pack_tokens long.
-    assert r["packed"]["pad_share"] < r["padded"]["pad_share"]
-    assert r["packed"]["rows"] < r["padded"]["rows"] == 6
-    assert r["pack_tokens"] == r["max_length"]
-    # Packed rows are as wide as the fullest one, never past pack_tokens.
-    for _, p in r["batches"]:
-        assert p["input_ids"].shape[1] == int(p["attention_mask"].sum(1).max()) <= r["pack_tokens"]
+    # Packing: by default each batch is one row of all its samples (pack_tokens = batch x max_length),
+    # with no padding at all, under llava_varlen; the padded arm runs sdpa.
+    assert r["pack_tokens"] == 6 * r["max_length"]
+    assert r["packed"]["rows"] == 1 < r["padded"]["rows"] == 6
+    assert r["packed"]["pad_share"] == 0 < r["padded"]["pad_share"]
+    assert r["attention"] == ("sdpa", "llava_varlen")
+    for padded, packed in r["batches"]:
+        assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    assert r["positions_ratio"] == pytest.approx(1 / (1 - r["padded"]["pad_share"]))
     assert r["padded"]["tokens_per_s"] > 0 and r["packed"]["tokens_per_s"] > 0 and r["ratio"] > 0
 
 
 def test_packing_bench_line_format(tiny_run):
     line = packing.format_line(tiny_run)
     pattern = (
-        r"^\[packing\] LLaVA-665K-like mix scaled 9/576 \(max_length 32\), \d+M params, sdpa, \d+ threads, "
-        r"batch 6, pack_tokens 32, median of 2 steps: "
-        r"padded \d+ tok/s \(pad \d+\.\d%, 6\.0 rows/step\), packed \d+ tok/s \(pad \d+\.\d%, \d+\.\d rows/step\), "
+        r"^\[packing\] LLaVA-665K-like mix scaled 9/576 \(max_length 32\), \d+M params, \d+ threads, "
+        r"batch 6, 2 timed steps: padded \(sdpa\) \d+ tok/s \(pad \d+\.\d%, 6\.0 rows/step\), "
+        r"packed \(pack_tokens 192, llava_varlen\) \d+ tok/s \(pad 0\.0%, 1\.0 rows/step\), "
         r"ratio \d+\.\d\d \(goal >= 1\.5; positions padded / packed \d+\.\d\d\); "
         r"the mix over 20000 samples at full scale: pad \d+\.\d% / \d+\.\d%, positions ratio \d+\.\d\d$"
     )
@@ -68,7 +70,7 @@ def test_packing_bench_cli_help(capsys):
         packing.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--steps", "--batch", "--pack-tokens", "--seed", "--warmup", "--threads"):
+    for option in ("--steps", "--batch", "--pack-tokens", "--attention", "--seed", "--warmup", "--threads"):
         assert option in out
 
 
@@ -80,7 +82,8 @@ def test_the_length_mix_is_llava_665k_like_and_scaling_keeps_its_padding():
     assert 105 < statistics.median(image_text) < 135 and max(image_text) <= 1400 and min(image_text) >= 20
     full = [m.text + (576 if m.image else 0) for m in mixes]
     assert max(full) <= 2048
-    # Scaled to 64 image tokens (1/9): the padded and packed shares stay within 1.5 points of full scale.
+    # Scaled to 64 image tokens (1/9): the padded and packed shares stay within 1.5 points of full scale
+    # (rows of max_length; one row per batch has no padding at any scale).
     samples = packing.make_samples(mixes, 64, image_token_id=1320, image_size=4)
     scaled = [len(s["input_ids"]) for s in samples]
     assert max(scaled) <= packing.scaled_max_length(64) == 228

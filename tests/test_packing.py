@@ -182,7 +182,7 @@ def test_packing_fills_rows_of_a_llava_665k_like_length_mix():
 # -- the model: same loss and gradients, no attention across samples ----------------------------------
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_packed_rows_give_the_padded_batchs_loss_sum_count_logits_and_gradients(attn):
     lit = _lit(attn)
     samples = _samples(lit.model)
@@ -208,7 +208,7 @@ def test_packed_rows_give_the_padded_batchs_loss_sum_count_logits_and_gradients(
         torch.testing.assert_close(logits_packed[r, s : s + n], logits_padded[i, :n], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_tail_padding_changes_no_real_tokens_logits(attn):
     lit = _lit(attn)
     samples = _samples(lit.model)
@@ -221,7 +221,7 @@ def test_tail_padding_changes_no_real_tokens_logits(attn):
     assert (tailed[0, :total] - tight[0]).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_changing_one_sample_leaves_the_other_samples_of_its_row_untouched(attn):
     lit = _lit(attn).eval()
     model = lit.model
@@ -277,11 +277,15 @@ def _reference_varlen(
 
 
 def test_the_varlen_kernels_layout_gives_sdpas_packed_loss_and_gradients(monkeypatch):
-    # The kernel is CUDA-only; a per-segment reference stands in for it, so this checks what
-    # `varlen_attention_forward` does around it: rows laid end to end, segments, GQA, causality.
+    # The kernel is CUDA-only; a per-segment reference stands in for it (and the CUDA branch is forced),
+    # so this checks what `varlen_attention_forward` does around it: rows laid end to end, segments,
+    # GQA, causality. (On CPU `llava_varlen` runs `segment_attention`: the parametrized tests above.)
     import torch.nn.attention.varlen as varlen
 
+    from llava_lightning.model import packed_attention
+
     monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen)
+    monkeypatch.setattr(packed_attention, "uses_varlen_kernel", lambda query: True)
     sdpa, kernel = _lit("sdpa"), _lit(VARLEN)
     kernel.load_state_dict(sdpa.state_dict())
     assert kernel.model.language_model.config._attn_implementation == VARLEN

@@ -68,10 +68,14 @@ def test_cpu_smoke_of_the_gpu_sweep(tmp_path):
 
 
 def test_cpu_smoke_of_the_speed_ladder(tmp_path):
-    """The speed ladder's runs (baseline, packed, packed without checkpointing) with the tiny model on
-    CPU: each trains through the CLI with its own flags and reports every figure."""
+    """The speed ladder's runs (baseline, packed, packed into one row per batch under llava_varlen, the
+    same without checkpointing) with the tiny model on CPU: each trains through the CLI with its own
+    flags and reports every figure."""
     summary = run_all(SMOKE_SPEED, tmp_path)
     _check(summary, SMOKE_SPEED)
     logs = {run["strategy"]: Path(run["log"]).read_text().splitlines()[0] for run in summary["runs"]}
     assert "--data.pack_tokens=2048" not in logs["baseline"] and "--data.pack_tokens=2048" in logs["packed"]
-    assert "activation_checkpointing.language=none" in logs["packed-no-ckpt"]
+    assert "attn_implementation=llava_varlen" in logs["packed-varlen"]
+    assert "--data.pack_tokens=32768" in logs["packed-varlen"]
+    assert "activation_checkpointing.language=none" in logs["packed-varlen-no-ckpt"]
+    assert "activation_checkpointing.language=none" not in logs["packed-varlen"]

@@ -23,10 +23,12 @@ Two modes share every line of that path:
 - `GPU_SPEED` (`--mode gpu-speed`): the same model, data and steps under fsdp2, as a ladder of
   variants each adding one thing: `baseline` (padded batches, every layer checkpointed, LLaVA's
   recipe), `packed` (`--data.pack_tokens 2048`, transformers' packed-sequence mask), `packed-varlen`
-  (torch's varlen kernel), `packed-varlen-no-ckpt` (no activation checkpointing),
+  (`--data.pack_tokens 32768`: each batch one row, torch's varlen kernel), `packed-varlen-no-ckpt` (no
+  activation checkpointing),
   `packed-varlen-no-ckpt-compile` (`--model.compile true`), on text lengths drawn as LLaVA-665K's
   (`mix665k_like`: the synthetic conversations are short, so they would hide what padding costs).
-  `SMOKE_SPEED` runs baseline, packed and packed-no-ckpt on CPU.
+  `SMOKE_SPEED` runs baseline, packed, packed-varlen (one sdpa per sample on CPU) and
+  packed-varlen-no-ckpt on CPU.
 
 FLOPs come from `training/flops.py` (`LlavaFlops`; the count is documented there). Tests: `tests/gpu/`.
 
@@ -141,10 +143,11 @@ GPU = Mode(
     budget_s=480,  # the four runs in under 8 minutes on one H100
 )
 # Issue 16's speed ladder on the same model and data, each step on top of the one before: LLaVA's
-# recipe (padded, every layer checkpointed), packed rows (transformers' packed mask, then torch's
-# varlen kernel), no checkpointing, compiled blocks.
+# recipe (padded, every layer checkpointed), packed rows of 2048 (transformers' packed mask), each
+# batch one row under torch's varlen kernel (16 x 2048 tokens at most: no padding), no checkpointing,
+# compiled blocks.
 _PACKED = ("--data.pack_tokens=2048",)
-_VARLEN = (*_PACKED, "--model.spec.language.attn_implementation=llava_varlen")
+_VARLEN = ("--data.pack_tokens=32768", "--model.spec.language.attn_implementation=llava_varlen")
 _NO_CKPT = ("--model.activation_checkpointing.vision=none", "--model.activation_checkpointing.language=none")
 SPEED_VARIANTS = {
     "baseline": (),
@@ -177,16 +180,21 @@ SMOKE = Mode(
     },
     timeout_s=180,
 )
-# The speed ladder's code path with the tiny model on CPU: the varlen kernel needs CUDA, and compiling is
-# left out (inductor's C++ build takes minutes here; tests/test_lean_step.py compiles the tiny model's
-# blocks with fullgraph=True).
+# The speed ladder's code path with the tiny model on CPU (llava_varlen runs one sdpa per sample there),
+# compiling left out (inductor's C++ build takes minutes here; tests/test_lean_step.py compiles the tiny
+# model's blocks with fullgraph=True).
 SMOKE_SPEED = replace(
     SMOKE,
     name="smoke-speed",
     strategies=("fsdp2",),
     extra_flags=(*SMOKE.extra_flags, *SMOKE.strategy_flags["fsdp2"]),
     strategy_flags={},
-    variants={"baseline": (), "packed": _PACKED, "packed-no-ckpt": (*_PACKED, *_NO_CKPT)},
+    variants={
+        "baseline": (),
+        "packed": _PACKED,
+        "packed-varlen": _VARLEN,
+        "packed-varlen-no-ckpt": (*_VARLEN, *_NO_CKPT),
+    },
     lengths="665k",
 )
 MODES = {m.name: m for m in (GPU, GPU_SPEED, SMOKE, SMOKE_SPEED)}

@@ -29,19 +29,28 @@ does not grow with the positions (AdamW, the dense embedding gradient) would wei
 LLaVA's training.
 
 The step is the training step's: a `LlavaLitModule` at stage `finetune` (projector and LLM train,
-frozen vision tower), its forward (packed batches pass `position_ids`, `cu_seqlens` and no attention
-mask; padded ones their attention mask), backward of the mean loss, then AdamW. Batches come from
-the real `LlavaCollator`, padded or with `pack_tokens`, built before timing, from the same samples in
-the same order: each arm processes the same `batch` samples per step, one optimizer step per batch.
+frozen vision tower), its forward, backward of the mean loss, then AdamW. Batches come from the real
+`LlavaCollator`, built before timing, from the same samples in the same order, so each arm processes
+the same `batch` samples per step, one optimizer step per batch:
+
+- padded: right padding to the batch's longest sample, sdpa with no mask (the causal kernel);
+- packed: `pack_tokens` of batch x max_length by default, so each batch is one row holding all its
+  samples back to back (`position_ids` restarting per sample, `cu_seqlens`, no attention mask), and
+  the LLM's attention is `llava_varlen`: torch's varlen kernel on CUDA, one causal sdpa per sample on
+  the CPU, so no sample attends to another and none computes scores over the whole row.
+  `--pack-tokens 228 --attention sdpa` gives the rows of max_length under transformers'
+  block-diagonal mask instead (their last row part full: 14.1% padding at batch 16).
+
 Two models with the same initial weights take turns step by step (padded, packed, padded, ...), so
-drift on a shared machine hits both; after the warm-up steps, each arm's figure is the median over
-the timed steps, and the ratio is the median of the per-step ratios (same batch, so the ratio of
-step times). Beside it: the median ratio of the steps' positions (padded / packed, pad included),
-the ratio if a step's time were proportional to the positions it computes. The default of 20 steps is
-for the batches' sake more than the clock's: one batch's positions ratio varies a lot (standard
-deviation ~0.28 at batch 16, by whether it holds a long sample), so the median of 5 steps is within
-~0.15 of the mix's, of 20 within ~0.07 (one standard deviation). So the line also gives the mix's
-long-run padded and packed shares and positions ratio, from 20,000 samples' lengths at full scale.
+drift on a shared machine hits both. After the warm-up steps, each arm's tokens/s is its real tokens
+over its total time, and the ratio is the effective tokens/s packed over padded (the same real tokens,
+so the ratio of the total times). Beside it: the ratio of the positions computed (padded / packed,
+pad included), what the ratio would be if a step's time were proportional to its positions. The
+timed batches are a sample of the mix: one batch's positions ratio varies a lot (standard deviation
+~0.28 at batch 16, by whether it holds a long sample), and 40 steps (640 samples) put the positions
+ratio within ~0.05 of the mix's (seeds 0-5: 1.60-1.74 against 1.67). So the line also gives the
+mix's long-run padded and packed shares and positions ratio, from 20,000 samples' lengths at full
+scale.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import torch
 from ..batch import IGNORE_INDEX
 from ..data.collate import LlavaCollator
 from ..model import LlavaSpec, get_preset
+from ..model.packed_attention import VARLEN
 from .model_step import BENCH_SPEC
 
 FULL_IMAGE_TOKENS = 576
@@ -162,10 +172,11 @@ def _step(lit, optimizer, data: dict[str, Any]) -> float:
 def run(
     spec: LlavaSpec | None = None,
     batch: int = 16,
-    steps: int = 20,
+    steps: int = 40,
     warmup: int = 1,
     pack_tokens: int | None = None,
     seed: int = 0,
+    attention: str = VARLEN,
 ) -> dict[str, Any]:
     """Time `warmup + steps` batches through both arms, taking turns; see the module docstring.
 
@@ -176,11 +187,14 @@ def run(
     padded_lit = LlavaLitModule(
         spec=copy.deepcopy(spec or PACKING_SPEC), stage="finetune", projector_artifact=None
     )
-    packed_lit = copy.deepcopy(padded_lit)
+    packed_spec = copy.deepcopy(spec or PACKING_SPEC)
+    packed_spec.language.attn_implementation = attention
+    packed_lit = LlavaLitModule(spec=packed_spec, stage="finetune", projector_artifact=None)
+    packed_lit.load_state_dict(padded_lit.state_dict())
     model = padded_lit.model
     n_img, size = model.vision_tower.num_tokens, model.vision_tower.image_size
     max_length = scaled_max_length(n_img)
-    pack_tokens = pack_tokens or max_length
+    pack_tokens = pack_tokens or batch * max_length
     n = (warmup + steps) * batch
     mixes = full_scale_lengths(n, seed)
     samples = make_samples(mixes, n_img, model.image_token_id, size, seed)
@@ -209,7 +223,7 @@ def run(
     def arm(k: int) -> dict[str, float]:
         positions = sum(pair[k]["input_ids"].numel() for pair in timed)
         return {
-            "tokens_per_s": statistics.median(r / t[k] for r, t in zip(real, times)),
+            "tokens_per_s": sum(real) / sum(t[k] for t in times),
             "step_s": statistics.median(t[k] for t in times),
             "pad_share": 1 - sum(real) / positions,
             "rows": statistics.mean(len(pair[k]["input_ids"]) for pair in timed),
@@ -220,11 +234,11 @@ def run(
     return {
         "padded": arm(0),
         "packed": arm(1),
-        "ratio": statistics.median(t[0] / t[1] for t in times),
+        # Effective tokens/s packed over padded: the same real tokens, so the ratio of the total times.
+        "ratio": sum(t[0] for t in times) / sum(t[1] for t in times),
         # What the ratio would be if a step's time were proportional to its positions (pad included).
-        "positions_ratio": statistics.median(
-            p["input_ids"].numel() / q["input_ids"].numel() for p, q in timed
-        ),
+        "positions_ratio": sum(p["input_ids"].numel() for p, _ in timed)
+        / sum(q["input_ids"].numel() for _, q in timed),
         "batch": batch,
         "steps": steps,
         "image_tokens": n_img,
@@ -233,7 +247,10 @@ def run(
         "mix_pad_share": (mix_padded, mix_packed),
         "mix_positions_ratio": (1 - mix_packed) / (1 - mix_padded),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "attention": getattr(model.language_model.config, "_attn_implementation", None),
+        "attention": (
+            getattr(model.language_model.config, "_attn_implementation", None),
+            getattr(packed_lit.model.language_model.config, "_attn_implementation", None),
+        ),
         "batches": batches,
     }
 
@@ -244,10 +261,11 @@ def format_line(r: dict[str, Any]) -> str:
     mix_pad, mix_pack = r["mix_pad_share"]
     return (
         f"[packing] LLaVA-665K-like mix scaled {r['image_tokens']}/{FULL_IMAGE_TOKENS} (max_length "
-        f"{r['max_length']}), {r['params_m']:.0f}M params, {r['attention']}, {torch.get_num_threads()} "
-        f"threads, batch {r['batch']}, pack_tokens {r['pack_tokens']}, median of {r['steps']} steps: "
-        f"padded {pad['tokens_per_s']:.0f} tok/s (pad {pad['pad_share']:.1%}, {pad['rows']:.1f} rows/step), "
-        f"packed {pk['tokens_per_s']:.0f} tok/s (pad {pk['pad_share']:.1%}, {pk['rows']:.1f} rows/step), "
+        f"{r['max_length']}), {r['params_m']:.0f}M params, {torch.get_num_threads()} threads, batch "
+        f"{r['batch']}, {r['steps']} timed steps: "
+        f"padded ({r['attention'][0]}) {pad['tokens_per_s']:.0f} tok/s (pad {pad['pad_share']:.1%}, "
+        f"{pad['rows']:.1f} rows/step), packed (pack_tokens {r['pack_tokens']}, {r['attention'][1]}) "
+        f"{pk['tokens_per_s']:.0f} tok/s (pad {pk['pad_share']:.1%}, {pk['rows']:.1f} rows/step), "
         f"ratio {r['ratio']:.2f} (goal >= 1.5; positions padded / packed {r['positions_ratio']:.2f}); "
         f"the mix over {MIX_SAMPLES} samples at full scale: pad {mix_pad:.1%} / {mix_pack:.1%}, "
         f"positions ratio {r['mix_positions_ratio']:.2f}"
@@ -256,11 +274,20 @@ def format_line(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm (default 20)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per arm (default 40)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (default 1)")
     parser.add_argument("--batch", type=int, default=16, help="samples per step (LLaVA-1.5: 16 per GPU)")
     parser.add_argument(
-        "--pack-tokens", type=int, default=None, help="packed row length (default: max_length)"
+        "--pack-tokens",
+        type=int,
+        default=None,
+        help="packed row length (default: batch x max_length, one row per batch)",
+    )
+    parser.add_argument(
+        "--attention",
+        default=VARLEN,
+        help=f"the packed arm's attention (default {VARLEN}: one causal sdpa per sample on CPU; sdpa: "
+        "transformers' block-diagonal mask over each row)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -272,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     spec = get_preset(args.preset) if args.preset else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    r = run(spec, args.batch, args.steps, args.warmup, args.pack_tokens, args.seed)
+    r = run(spec, args.batch, args.steps, args.warmup, args.pack_tokens, args.seed, args.attention)
     print(f"{format_line(r)}; load average {load:.1f}", flush=True)
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 VARLEN = "llava_varlen"
-"""`--model.spec.language.attn_implementation` of torch's varlen kernel (`torch.nn.attention.varlen`, CUDA)."""
+"""`--model.spec.language.attn_implementation` of per-sample attention over packed rows: torch's varlen
+kernel (`torch.nn.attention.varlen`) on CUDA, one causal sdpa call per sample elsewhere."""
 
 MASKED = frozenset({"sdpa", "eager", "flex_attention"})
 """Backends that keep packed samples apart through transformers' packed-sequence mask."""
@@ -64,7 +65,8 @@ def varlen_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention of each `cu_seq_lens_q` segment of the rows laid end to end, through
-    `torch.nn.attention.varlen.varlen_attn`; without segments (padded batches, generation) it is sdpa.
+    `torch.nn.attention.varlen.varlen_attn` on CUDA and `segment_attention` elsewhere; without
+    segments (padded batches, generation) it is sdpa.
 
     `query` `[B, H, T, D]`, `key` / `value` `[B, H_kv, T, D]`; returns `[B, T, H, D]` as transformers'
     attention functions do.
@@ -77,26 +79,57 @@ def varlen_attention_forward(
         )
     if dropout:
         raise ValueError(f"{VARLEN} has no attention dropout; set the model's attention_dropout to 0")
-    from torch.nn.attention.varlen import varlen_attn
-
     batch, heads, length, dim = query.shape
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
-    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    out = varlen_attn(
-        q,
-        k,
-        v,
-        cu,
-        cu,
-        int(max_length_q),
-        int(max_length_q),
-        scale=scaling,
-        window_size=(-1, 0),  # causal
-        enable_gqa=k.shape[1] != heads,
-    )
+    gqa = k.shape[1] != heads
+    if uses_varlen_kernel(q):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+        out = varlen_attn(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            int(max_length_q),
+            int(max_length_q),
+            scale=scaling,
+            window_size=(-1, 0),  # causal
+            enable_gqa=gqa,
+        )
+    else:
+        out = segment_attention(q, k, v, cu_seq_lens_q, scaling, gqa)
     return out.view(batch, length, heads, dim), None
+
+
+def uses_varlen_kernel(query: torch.Tensor) -> bool:
+    """Whether `llava_varlen` runs torch's varlen kernel for this query (CUDA) or `segment_attention`."""
+    return query.is_cuda
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal sdpa of each segment `cu_seqlens[i]:cu_seqlens[i+1]` alone; `q` `[tokens, H, D]`, `k` / `v`
+    `[tokens, H_kv, D]`, returns `[tokens, H, D]`. Where the varlen kernel does not run (CPU): exact,
+    and each sample computes its own n x n scores, not the row's W x W of a block-diagonal mask."""
+    bounds = cu_seqlens.tolist() if cu_seqlens.device.type == "cpu" else cu_seqlens.cpu().tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        seg = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            *seg, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 def _varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
