@@ -20,13 +20,18 @@ the answers of a conversation); image tokens never are.
 Scaling, to keep a CPU run to a couple of minutes: every length (image tokens, text, max_length,
 pack_tokens) is multiplied by the same factor, image tokens / 576, and rounded, so the padded and
 packed shares are the full-scale mix's up to rounding (`tests/test_bench.py`). The default model is
-`model_step`'s CLIP-small + Llama-small (hidden 512, MLP 1376, 8 layers) at 112 px, 64 image tokens:
-a factor of 1/9, max_length and pack_tokens 228. The LLM's width is scaled by about the same factor
+`model_step`'s Llama-small (hidden 512, MLP 1376, 8 layers) behind a CLIP of hidden 192 and 2 layers at
+112 px, 64 image tokens: a factor of 1/9, max_length 228. The LLM's width is scaled by about the same factor
 as the lengths (4096 -> 512 against 2048 -> 228), so attention's share of the step (~T/6d) stays near
 a 7B model's at 2048 tokens; its vocabulary is scaled with the width too (32000 -> 4032), since at
 32000 the embedding and LM head would be half the parameters (4% at 7B), and the per-step work that
 does not grow with the positions (AdamW, the dense embedding gradient) would weigh far more than in
-LLaVA's training.
+LLaVA's training. The frozen vision tower's forward does the same work on both arms, so its share
+of a step is kept at LLaVA-1.5-7B's too: CLIP-L/336 (23 blocks run, 577 tokens) is ~0.37 TFLOP per
+image against ~49 TFLOP of Vicuna-7B training on a padded sample's ~1264 positions at batch 16,
+0.7% of a padded step (1.1% packed); the bench's tower is 0.9% (1.5% packed) by `LlavaFlops`.
+`model_step`'s CLIP-small (hidden 384, 6 layers) would be 13% (20% packed) and hold the ratio
+down by a cost LLaVA's step barely has.
 
 The step is the training step's: a `LlavaLitModule` at stage `finetune` (projector and LLM train,
 frozen vision tower), its forward, backward of the mean loss, then AdamW. Batches come from the real
@@ -87,6 +92,10 @@ MIX_SAMPLES = 20_000
 
 PACKING_SPEC = copy.deepcopy(BENCH_SPEC)
 PACKING_SPEC.vision.config["image_size"] = 112  # 8 x 8 patches of 14 px: 64 image tokens, 1/9 of 576
+# The tower's share of a step's FLOPs as LLaVA-1.5-7B's (~0.7% padded; the module docstring).
+PACKING_SPEC.vision.config.update(
+    hidden_size=192, intermediate_size=768, num_hidden_layers=2, num_attention_heads=3
+)
 PACKING_SPEC.language.config["vocab_size"] = 4032  # 32000 / 8, to a multiple of 64: scaled with the width
 
 
