@@ -154,6 +154,7 @@ def write_eval(
     files: dict[str, str] | None = None,
     prefix: str = "",
     type_weights: dict[str, float] | None = None,
+    exclude: set[bytes] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write a multiple-choice set (the held-out eval, or with another stream a training split in
     the same format): ``files`` maps an option order to its JSON name (default: both orders, over
@@ -168,7 +169,8 @@ def write_eval(
       acquire (docs/experiments.md).
 
     ``type_weights`` (question type -> weight) skews the mix of question types (see
-    `MC_TRAIN_TYPE_WEIGHTS`); None draws them uniformly, as the held-out set does.
+    `MC_TRAIN_TYPE_WEIGHTS`); None draws them uniformly, as the held-out set does. An item whose
+    image bytes are in ``exclude`` (e.g. the training images) is drawn again.
 
     Returns the answer-letter histogram per order.
     """
@@ -184,6 +186,10 @@ def write_eval(
     records: dict[str, list[dict[str, Any]]] = {order: [] for order in orders}
     for i in range(n):
         scene, kind, question, correct = _mc_item(rng, type_weights)
+        image = jpeg_bytes(render(scene, image_size))
+        while exclude and image in exclude:  # a held-out image never equals a training image
+            scene, kind, question, correct = _mc_item(rng, type_weights)
+            image = jpeg_bytes(render(scene, image_size))
         # Drawn whatever the orders, so both files of one stream hold the same images and questions.
         pool = [x for x in MC_ANSWER_SETS[kind] if x != correct]
         n_options = int(rng.integers(3, 5))
@@ -191,7 +197,7 @@ def write_eval(
         shuffled = [correct, *distractors]
         shuffled = [shuffled[int(j)] for j in rng.permutation(n_options)]
         name = f"{prefix}{i:06d}.jpg"
-        (images_dir / name).write_bytes(jpeg_bytes(render(scene, image_size)))
+        (images_dir / name).write_bytes(image)
         for order in orders:
             options = shuffled if order == "shuffled" else list(MC_ANSWER_SETS[kind])
             records[order].append(
