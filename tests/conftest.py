@@ -142,3 +142,46 @@ def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
         p.kill()
         p.join()
     assert not hung and [p.exitcode for p in procs] == [0] * world, "a rank hung or failed"
+
+
+def write_transformers_llava(folder: Path, seed: int = 0, family: str = "llama") -> Path:
+    """A tiny llava-hf folder written by transformers alone (`LlavaForConditionalGeneration` +
+    `LlavaProcessor` from small configs, as a released checkpoint is), with the offline tokenizer."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from llava_lightning.model.presets import TINY_CLIP, TINY_LLAMA, TINY_QWEN2
+
+    tok = _tiny_tokenizer(family)
+    image_token = "<image>"
+    text = TINY_LLAMA if family == "llama" else TINY_QWEN2
+    vision = {k: v for k, v in TINY_CLIP.items() if k != "model_type"}
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **vision},
+        text_config=dict(text),
+        image_token_index=tok.convert_tokens_to_ids(image_token),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlavaForConditionalGeneration(config).save_pretrained(str(folder))
+    size = vision["image_size"]
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=tok,
+        patch_size=vision["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=image_token,
+    ).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_llava_dir(tmp_path_factory):
+    """`write_transformers_llava`'s folder, once per session (tests must not write into it)."""
+    return write_transformers_llava(tmp_path_factory.mktemp("hf-llava") / "tiny-llava-hf")

@@ -6,7 +6,8 @@ the step to OUT.after and, under DeepSpeed, the checkpoint folder OUT.ckpt.
     python tests/deepspeed_cpu_fit.py OUT SHAPES_DIR plain|zero2|zero3|zero3-sharded DEVICES BATCH_SIZE ACCUMULATE
 
 `zero3-sharded` saves the plain build's weights (model folders + projector artifact) and builds from
-them with `sharded_init=True`, under zero.Init.
+them with `sharded_init=True`, under zero.Init; `zero3-pretrained` does the same from one llava-hf folder
+(`pretrained`, as a released checkpoint is loaded).
 
 Lightning's DeepSpeedStrategy refuses anything but CUDA; `CPUDeepSpeed` skips those checks only.
 """
@@ -75,6 +76,11 @@ def main(out, shapes, mode, devices, batch_size, accumulate):
         lit = SGDLit(spec=_saved(lit, os.path.dirname(out)), stage="finetune", sharded_init=True,
                      init_projector=str(lit.save_projector(f"{out}.projector.safetensors")))  # fmt: skip
         mode = mode.removesuffix("-sharded")
+    elif mode.endswith("-pretrained"):
+        folder = f"{os.path.dirname(out)}/llava-hf"
+        lit.model.save_hf(folder, template="vicuna_v1", image_aspect="pad")
+        lit = SGDLit(pretrained=folder, stage="finetune", sharded_init=True)
+        mode = mode.removesuffix("-pretrained")
     source = SourceConfig(
         kind="instruct", path=f"{shapes}/instruct/llava_instruct.json", image_root=f"{shapes}/instruct"
     )

@@ -35,6 +35,7 @@ def test_every_yaml_under_conf_is_valid_yaml(name):
         ["stage2.yaml", "scienceqa.yaml"],
         ["stage2.yaml", "strategy/ddp.yaml"],
         ["stage2.yaml", "strategy/fsdp2.yaml"],
+        ["finetune_lora.yaml"],
     ],
 )
 def test_print_config_for_each_stage_and_overlay(files, capsys):
@@ -43,7 +44,7 @@ def test_print_config_for_each_stage_and_overlay(files, capsys):
         main(args)
     assert info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["stage"] in ("align", "finetune")
+    assert printed["model"]["stage"] in ("align", "finetune", "lora")
     if "tiny.yaml" in files:
         assert printed["model"]["preset"] == "tiny" and printed["trainer"]["accelerator"] == "cpu"
 

@@ -98,9 +98,13 @@ def test_template_and_image_aspect_are_written_once_on_the_model(key, tmp_path, 
 
 
 def test_model_and_data_module_defaults_agree():
+    from llava_lightning.model.pretrained import resolve_settings
+
     model, data = inspect.signature(LlavaLitModule), inspect.signature(LlavaDataModule)
-    for key in ("template", "image_aspect"):
-        assert model.parameters[key].default == data.parameters[key].default, key
+    # The module's None means "the pretrained checkpoint's, else the default": the data module's default.
+    assert model.parameters["template"].default is None and model.parameters["image_aspect"].default is None
+    defaults = tuple(data.parameters[key].default for key in ("template", "image_aspect"))
+    assert resolve_settings(None, None, None) == defaults
 
 
 def test_no_shipped_config_sets_a_linked_data_key():

@@ -176,13 +176,14 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-@pytest.mark.parametrize("mode", ["zero2", "zero3", "zero3-sharded"])
+@pytest.mark.parametrize("mode", ["zero2", "zero3", "zero3-sharded", "zero3-pretrained"])
 def test_zero_on_two_cpu_processes_with_accumulation_steps_with_the_one_large_batch_gradient(
     shapes_dir, tmp_path, one_large_batch_step, mode
 ):
     # The step's 4 samples, dealt to 2 ranks x 2 micro-batches of 1: uneven token counts per rank and
     # micro-batch, and one micro-batch is text-only (its rank still runs the tower and projector).
-    # zero3-sharded: built under zero.Init (sharded_init), from the same weights as the plain build.
+    # zero3-sharded / zero3-pretrained: built under zero.Init (sharded_init), from the same weights as the
+    # plain build (saved as hub-style part folders / as one llava-hf folder loaded with `pretrained`).
     zero = _cpu_step(tmp_path, mode, 2, 1, 2, shapes_dir)
     assert set(zero) == set(one_large_batch_step)
     for name, expected in one_large_batch_step.items():

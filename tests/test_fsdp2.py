@@ -154,3 +154,27 @@ def test_fsdp2_sharded_checkpoint_resume_gives_the_uninterrupted_losses(workdir)
     assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2  # one shard file per rank
     resumed = _fit(workdir, "resumed", 2, 2, *fsdp2, f"--ckpt_path={saved}")
     assert resumed == pytest.approx(full[2:], rel=1e-5)
+
+
+def test_sharded_init_from_a_pretrained_folder_loads_its_weights_after_sharding(process_group, hf_llava_dir):
+    """`--model.pretrained` with `sharded_init`: a config-only meta skeleton is sharded, then filled with
+    the folder's weights (the 2-process path through ZeRO-3 is in test_deepspeed.py)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llava_lightning import LlavaModel
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.fsdp2 import shard_fsdp2
+    from llava_lightning.training.sharded_init import materialize_sharded
+
+    lit = LlavaLitModule(
+        pretrained=str(hf_llava_dir), template="vicuna_v1", stage="finetune", sharded_init=True
+    )
+    assert all(p.is_meta for p in lit.model.parameters())
+    shard_fsdp2(lit.model, init_device_mesh("cpu", (1,)), param_dtype=None, frozen_vision_dtype=None)
+    materialize_sharded(lit.model, lit.builder.build_from_construction_rng, torch.device("cpu"))
+    expected = LlavaModel.from_hf(hf_llava_dir).state_dict()
+    got = {k: v.full_tensor() for k, v in lit.model.state_dict().items()}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

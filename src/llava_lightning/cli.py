@@ -137,8 +137,15 @@ class LlavaCLI(LightningCLI):
             super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser) -> None:
-        for key in DATA_FROM_MODEL:
-            parser.link_arguments(f"model.{key}", f"data.{key}", apply_on="parse")
+        parser.link_arguments("model.stage", "data.stage", apply_on="parse")
+        # The module resolves these (a `--model.pretrained` checkpoint may supply them), so the data
+        # takes the module's values once it is built.
+        parser.link_arguments(
+            "model", "data.template", compute_fn=lambda lit: lit.template, apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "model", "data.image_aspect", compute_fn=lambda lit: lit.image_aspect, apply_on="instantiate"
+        )
         parser.link_arguments(
             "model", "data.tokenizer", compute_fn=lambda lit: lit.model.tokenizer, apply_on="instantiate"
         )
@@ -180,7 +187,8 @@ def export(argv: list[str]) -> None:
     model = lit.model
     if hasattr(model.language_model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model.language_model = model.language_model.merge_and_unload()
-    model.save_hf(args.out)
+    # The template and image aspect ride along, so `--model.pretrained OUT` trains and answers as this run did.
+    model.save_hf(args.out, template=lit.template, image_aspect=lit.image_aspect)
     print(f"llava-hf folder written to {args.out}")  # noqa: T201 (CLI output)
 
 

@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, SumMetric
 from .batch import IGNORE_INDEX, LlavaBatch, PromptBatch, supervised_mask
 from .inference.generate import generate
 from .model import LanguageSpec, LlavaModel, LlavaSpec, VisionSpec, get_preset
+from .model.pretrained import resolve_settings
 from .model.projector_io import save_projector_artifact
 from .training import stages, strategies
 from .training.checkpoint_file import callers_trust_remote_code, read_checkpoint, with_callers_trust
@@ -48,6 +49,7 @@ class LlavaLitModule(L.LightningModule):
         self,
         preset: str | None = None,
         spec: LlavaSpec | None = None,
+        pretrained: str | None = None,
         stage: Stage = "align",
         unfreeze_vision_blocks: int = 0,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (a frozen-by-convention default jsonargparse can show)
@@ -56,8 +58,8 @@ class LlavaLitModule(L.LightningModule):
         activation_checkpointing: CheckpointingConfig = CheckpointingConfig(),  # noqa: B008
         init_projector: str | None = None,
         projector_artifact: str | None = "projector",
-        template: str = "vicuna_v1",
-        image_aspect: Literal["square", "pad"] = "pad",
+        template: str | None = None,
+        image_aspect: Literal["square", "pad"] | None = None,
         max_new_tokens: int = 64,
         sharded_init: bool = False,
         compile: bool = False,
@@ -65,7 +67,11 @@ class LlavaLitModule(L.LightningModule):
         """
         Args:
             preset: Model preset (`tiny`, `llava-1.5-7b`, ...); when set it replaces `spec`.
-            spec: The model: vision tower, projector and language model (used when preset is None).
+            spec: The model: vision tower, projector and language model (used when preset and pretrained
+                are None; with pretrained, only its language.attn_implementation and trust_remote_code apply).
+            pretrained: A released llava-hf checkpoint to start from (hub name such as
+                llava-hf/llava-1.5-7b-hf, or a folder transformers or our `export` wrote): tower, projector,
+                LLM, tokenizer, image settings, and the template and image aspect unless set here.
             stage: What trains: align (projector), finetune (projector + LLM), full, lora.
             unfreeze_vision_blocks: Also train the last k vision-tower blocks.
             optim: Optimizer and schedule settings.
@@ -77,9 +83,9 @@ class LlavaLitModule(L.LightningModule):
             projector_artifact: At the end of `align`, write `<name>.safetensors` + `<name>.json` into the
                 run's log directory (None: do not).
             template: Conversation template of the training data (linked into the data module by the CLI)
-                and of generation / predict.
+                and of generation / predict; None: the pretrained checkpoint's, else vicuna_v1.
             image_aspect: Image aspect handling (`square` or `pad`) of the training data (linked like
-                `template`) and of generation / predict.
+                `template`) and of generation / predict; None: the pretrained checkpoint's, else pad.
             max_new_tokens: Generation length for predict.
             sharded_init: Build the model as an empty meta-device skeleton and load the weights only once
                 it is sharded (FSDP2, FSDP, DeepSpeed ZeRO-3), so no rank but 0 holds the full model;
@@ -89,10 +95,19 @@ class LlavaLitModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if preset is None and spec is None:
-            raise ValueError("give the model as `preset` (e.g. tiny, llava-1.5-7b) or as `spec`")
+        if pretrained is not None and preset is not None:
+            raise ValueError(
+                f"give the model as `pretrained` or as `preset`, not both ({pretrained!r}, {preset!r})"
+            )
+        if preset is None and spec is None and pretrained is None:
+            raise ValueError(
+                "give the model as `pretrained` (e.g. llava-hf/llava-1.5-7b-hf), `preset` (e.g. tiny, "
+                "llava-1.5-7b) or `spec`"
+            )
         # Under load_from_checkpoint (or a CLI run from a checkpoint): the caller's trust_remote_code.
-        self.spec = with_callers_trust(get_preset(preset) if preset is not None else spec)
+        self.spec = with_callers_trust(get_preset(preset) if preset is not None else spec or LlavaSpec())
+        self.pretrained = pretrained
+        template, image_aspect = resolve_settings(pretrained, template, image_aspect)
         self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
         self.optim, self.lora_config = optim, lora
         self.gradient_checkpointing = gradient_checkpointing
@@ -103,7 +118,7 @@ class LlavaLitModule(L.LightningModule):
         self.compile_blocks = compile
         if sharded_init and stage == "lora":
             raise ValueError("sharded_init does not support stage 'lora' (peft wraps a materialized model)")
-        self.builder = ModelBuilder(self.spec, init_projector, self.apply_stage)
+        self.builder = ModelBuilder(self.spec, init_projector, self.apply_stage, pretrained)
         # Sharded init: the weights come later (training/strategies.py), from this moment's RNG state.
         self.model = self.builder.skeleton() if sharded_init else self.builder.build()
         self.train_loss = MeanMetric()

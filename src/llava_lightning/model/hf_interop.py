@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .packed_attention import VARLEN, register_varlen_attention
 from .vision_hf import HFVisionTower
 
 log = logging.getLogger(__name__)
@@ -135,17 +136,39 @@ def save_hf(model, path: Path) -> None:
     log.info("wrote llava-hf folder %s", path)
 
 
-def load_hf(cls, path: str, trust_remote_code: bool = False):
-    """Build our `cls` (LlavaModel) from a llava-hf folder or hub name, reusing the loaded modules."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+def load_hf(
+    cls,
+    path: str,
+    trust_remote_code: bool = False,
+    load_weights: bool = True,
+    attn_implementation: str | None = None,
+):
+    """Build our `cls` (LlavaModel) from a llava-hf folder or hub name, reusing the loaded modules.
 
-    hf = LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cfg = hf.config
+    `load_weights=False` reads only the config (random init; under `torch.device("meta")` the empty
+    skeleton sharded init fills after sharding). `attn_implementation` applies to the language model
+    only (the vision tower keeps its own), as `LanguageSpec.attn_implementation` does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if cfg.model_type != "llava":
+        raise ValueError(
+            f"{path}: model_type {cfg.model_type!r} is not a llava-hf checkpoint (model_type 'llava', "
+            "LlavaForConditionalGeneration)"
+        )
     if not cfg.multimodal_projector_bias or cfg.projector_hidden_act != "gelu":
         raise ValueError(
             f"{path}: projector without bias or with {cfg.projector_hidden_act!r} activation is not supported "
             "(llava_lightning's mlp2x_gelu has biases and exact GELU)"
         )
+    if load_weights:
+        hf = LlavaForConditionalGeneration.from_pretrained(
+            path, config=cfg, trust_remote_code=trust_remote_code
+        )
+    else:
+        hf = LlavaForConditionalGeneration(cfg)
+    cfg = hf.config
     mean = std = None
     try:
         from transformers import AutoImageProcessor
@@ -163,10 +186,19 @@ def load_hf(cls, path: str, trust_remote_code: bool = False):
     lm.set_output_embeddings(hf.lm_head)
     if cfg.tie_word_embeddings:
         lm.tie_weights()
-    stray = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    owned = {id(t) for t in [*hf.model.language_model.parameters(), *hf.model.language_model.buffers()]}
+    owned |= {id(t) for t in hf.lm_head.parameters()}
+    stray = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if id(t) not in owned]
     if stray:
         raise RuntimeError(f"{type(lm).__name__} has parts outside its base model and head: {stray[:5]}")
+    if attn_implementation is not None:
+        if attn_implementation == VARLEN:
+            register_varlen_attention()
+        lm.set_attn_implementation(attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu")
-    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict(), strict=True)
+    # The loaded parameters themselves (assign), not copies: under DeepSpeed's zero.Init they are partitions,
+    # which a copy would read as empty.
+    projector = hf.model.multi_modal_projector.state_dict(keep_vars=True)
+    model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
     return model

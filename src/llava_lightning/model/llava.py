@@ -106,16 +106,22 @@ class LlavaModel(nn.Module):
 
     @classmethod
     def from_hf(cls, path: str | Path, **kwargs) -> LlavaModel:
-        """Load a llava-hf checkpoint (folder or hub name), e.g. `llava-hf/llava-1.5-7b-hf`."""
+        """Load a llava-hf checkpoint (folder or hub name), e.g. `llava-hf/llava-1.5-7b-hf`; keyword arguments
+        as `hf_interop.load_hf` (`trust_remote_code`, `load_weights`, `attn_implementation`)."""
         from .hf_interop import load_hf
 
         return load_hf(cls, str(path), **kwargs)
 
-    def save_hf(self, path: str | Path) -> None:
-        """Write a folder that `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` load."""
+    def save_hf(self, path: str | Path, template: str | None = None, image_aspect: str | None = None) -> None:
+        """Write a folder that `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` load; with
+        `template` / `image_aspect`, also the training settings `--model.pretrained` reads back
+        (`pretrained.SETTINGS_FILE`)."""
         from .hf_interop import save_hf
+        from .pretrained import write_settings
 
         save_hf(self, Path(path))
+        if template is not None or image_aspect is not None:
+            write_settings(path, template, image_aspect)
 
     def init_projector_from(self, path: str | Path) -> None:
         """Load projector weights from our artifact (`.safetensors`) or LLaVA's `mm_projector.bin`."""
