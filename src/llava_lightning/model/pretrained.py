@@ -59,7 +59,8 @@ def trained_with(name_or_dir: str) -> TrainedWith:
     for pattern, (template, aspect) in KNOWN.items():
         if re.fullmatch(pattern, name_or_dir.strip("/"), flags=re.IGNORECASE):
             return TrainedWith(template, aspect, f"the known recipe of {name_or_dir}")
-    return TrainedWith(None, None, f"{name_or_dir} (no {SETTINGS_FILE}, not a known release)")
+    where = "a folder without" if Path(name_or_dir).is_dir() else "not a folder here, and a hub name without"
+    return TrainedWith(None, None, f"{name_or_dir} ({where} {SETTINGS_FILE}, not a known release)")
 
 
 def _settings_file(name_or_dir: str) -> str | None:
