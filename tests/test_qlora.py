@@ -264,3 +264,45 @@ def test_merge_prefers_the_original_base_weights_of_a_folder_spec(tmp_path):
     with pytest.raises(ValueError, match="not what the run quantized"):
         merge_qlora(first, spec, "original")
     assert merge_qlora(second, spec, "auto") == "dequantized"
+
+
+@needs_4bit
+def test_vision_8bit_tower_is_frozen_restored_exactly_and_expanded_on_export(tmp_path):
+    """`vision_8bit`: the tower's linears in int8 (row-wise absmax scales), restored exactly from a state
+    dict, expanded on export to within int8 rounding of the float weights: half a step (row absmax / 254),
+    plus the fp16 rounding bitsandbytes applies first (measured 1.09 x half a step: bound 1.15 x)."""
+    import bitsandbytes as bnb
+
+    from llava_lightning.training.qlora_merge import merge_qlora
+
+    if quantization.kernel_problem("8bit", "cpu") is not None:
+        pytest.skip(quantization.kernel_problem("8bit", "cpu"))
+    torch.manual_seed(0)
+    float_tower = LlavaLitModule(preset="tiny", stage="lora", lora=SMALL_LORA).model.vision_tower
+    torch.manual_seed(0)  # the same build: the same tower weights before quantization
+    lit = LlavaLitModule(preset="tiny", stage="qlora", lora=SMALL_LORA, qlora=QLoraConfig(vision_8bit=True))
+    tower = lit.model.vision_tower
+    int8 = {n: m for n, m in tower.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert len(int8) == 6 * tower.config.num_hidden_layers  # q, k, v, out, fc1, fc2
+    assert not any(p.requires_grad for p in tower.parameters())
+
+    state = lit.state_dict()
+    torch.manual_seed(1)
+    other = LlavaLitModule(preset="tiny", stage="qlora", lora=SMALL_LORA, qlora=QLoraConfig(vision_8bit=True))
+    other.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+
+    merge_qlora(lit.model, lit.spec, "auto")
+    for name in int8:
+        expanded, original = tower.get_submodule(name).weight, float_tower.get_submodule(name).weight
+        assert type(tower.get_submodule(name)) is torch.nn.Linear
+        half_step = original.abs().amax(dim=1, keepdim=True) / 254
+        assert ((expanded - original).abs() <= half_step * 1.15).all(), name
+        assert not torch.equal(expanded, original)  # it is the rounded weight, not the float one
+
+
+def test_vision_8bit_with_unfrozen_vision_blocks_is_refused():
+    with pytest.raises(ValueError, match="unfreeze_vision_blocks"):
+        LlavaLitModule(
+            preset="tiny", stage="qlora", unfreeze_vision_blocks=1, qlora=QLoraConfig(vision_8bit=True)
+        )

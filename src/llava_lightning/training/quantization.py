@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
@@ -41,13 +42,12 @@ def compute_dtype(cfg: QLoraConfig) -> torch.dtype:
 
 
 def quantization_device() -> torch.device:
-    """Where weights are quantized at build time: the current CUDA device when there is one (fast), else
-    the CPU; the packed result is kept on the CPU either way (the trainer places the model)."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    """Where weights are quantized at build time: a CUDA device when there is one (fast; this rank's own,
+    by LOCAL_RANK, so ranks do not all open a context on device 0), else the CPU. The packed result is
+    kept on the CPU either way: the trainer places the model."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 # ----------------------------------------------------------------------------------- capability
