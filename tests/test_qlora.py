@@ -160,7 +160,7 @@ def _train_losses(metrics_csv):
 
 
 @needs_4bit
-def test_qlora_fit_resume_export_through_the_cli(shapes_dir, tmp_path, monkeypatch):
+def test_qlora_fit_resume_export_through_the_cli(shapes_dir, tmp_path, monkeypatch, capsys):
     """fit (a few steps lower the loss) -> resume -> export; the export, loaded by transformers, computes
     what the adapted model computes.
 
@@ -201,7 +201,9 @@ def test_qlora_fit_resume_export_through_the_cli(shapes_dir, tmp_path, monkeypat
     lora = [k for k in first["state_dict"] if "lora_B" in k]
     assert any(not torch.equal(first["state_dict"][k], resumed["state_dict"][k]) for k in lora)
 
+    capsys.readouterr()
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "hf")])
+    assert "adapters merged into the dequantized base weights" in capsys.readouterr().out  # random init
     adapted = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     ids, pixels = _inputs(adapted)
