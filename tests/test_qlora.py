@@ -136,7 +136,7 @@ def test_qlora_is_refused_where_the_training_device_has_no_4bit_kernels(monkeypa
     trainer.strategy.connect(lit)
     lit.trainer = trainer
     with pytest.raises(
-        quantization.QuantizationUnavailableError, match=r"4bit kernels on cpu.*no CPU backend"
+        quantization.QuantizationUnavailableError, match=r"4-bit kernels on cpu.*no CPU backend"
     ):
         lit.setup("fit")
 

@@ -75,8 +75,8 @@ def kernel_problem(kind: str, device: str) -> str | None:
                     y = layer(x.detach().to(torch.float16))
                 ok = bool(torch.isfinite(y).all())
     except Exception as err:  # noqa: BLE001 (any failure of the probe is the answer)
-        return f"bitsandbytes {getattr(bnb, '__version__', '?')} failed its {kind} probe on {device}: {err!r}"
-    return None if ok else f"bitsandbytes {bnb.__version__} gave non-finite {kind} results on {device}"
+        return f"bitsandbytes {getattr(bnb, '__version__', '?')} failed its {kind[0]}-bit probe on {device}: {err!r}"
+    return None if ok else f"bitsandbytes {bnb.__version__} gave non-finite {kind[0]}-bit results on {device}"
 
 
 def require_kernels(kind: str, device: torch.device | str, stage: str = "qlora", what: str = "") -> None:
@@ -92,7 +92,7 @@ def require_kernels(kind: str, device: torch.device | str, stage: str = "qlora",
         f"recent releases also run on the CPU: {INSTALL_HINT}), or train on a CUDA GPU"
     )
     raise QuantizationUnavailableError(
-        f"stage {stage!r} needs bitsandbytes' {kind} kernels{what} on {device}, but {problem}. To fix: {fix}"
+        f"stage {stage!r} needs bitsandbytes' {kind[0]}-bit kernels{what} on {device}, but {problem}. To fix: {fix}"
         + (
             ", or use stage 'lora' (un-quantized LLM)"
             if kind == "4bit"
