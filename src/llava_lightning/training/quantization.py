@@ -17,6 +17,7 @@ optionally in 8 bit, done on a built `LlavaModel` (random init or loaded weights
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -145,8 +146,10 @@ def _linear4bit(linear: nn.Linear, cfg: QLoraConfig, device: torch.device | str)
         quant_type=cfg.quant_type,
         device="meta",
     )
+    # Quantized from the compute dtype: bitsandbytes dequantizes to the dtype it quantized from, then
+    # casts to the input's (an fp32 source would mean an fp32 copy of each weight per matmul).
     layer.weight = bnb.nn.Params4bit(
-        linear.weight.data.detach(),
+        linear.weight.data.detach().to(compute_dtype(cfg)),
         requires_grad=False,
         blocksize=cfg.blocksize,
         compress_statistics=cfg.double_quant,
@@ -205,8 +208,11 @@ def is_4bit(module: nn.Module) -> bool:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """A `Linear4bit`'s weight as a float tensor `[out, in]` (in the dtype it was quantized from)."""
+    """A `Linear4bit`'s weight `[out, in]` expanded in fp32 (levels times block scales, not rounded to the
+    16-bit dtype it was quantized from, as bitsandbytes' fused no-grad kernel computes for fp32 inputs)."""
     import bitsandbytes as bnb
 
     weight = layer.weight
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    state = copy.copy(weight.quant_state)  # shallow: only the output dtype differs
+    state.dtype = torch.float32
+    return bnb.functional.dequantize_4bit(weight.data, state)
