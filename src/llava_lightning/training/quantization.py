@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import os
 from typing import Any
 
@@ -28,10 +27,7 @@ from torch import nn
 
 from .settings import QLoraConfig
 
-log = logging.getLogger(__name__)
-
 INSTALL_HINT = "pip install 'llava-lightning[qlora]' (bitsandbytes>=0.45)"
-QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
 
 class QuantizationUnavailableError(RuntimeError):
