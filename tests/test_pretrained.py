@@ -177,3 +177,34 @@ def test_finetune_lora_yaml_trains_lora_from_a_pretrained_folder(
     assert cli.datamodule.template == "vicuna_v1" and cli.datamodule.image_aspect == "pad"
     assert lit.lora_config.r == 128 and lit.optim.projector_lr == 2e-5
     assert cli.trainer.global_step == 2
+
+
+@pytest.mark.skipif(
+    __import__("llava_lightning.training.quantization", fromlist=["x"]).kernel_problem("4bit", "cpu")
+    is not None,
+    reason="no bitsandbytes 4-bit kernels on the CPU (the qlora extra)",
+)
+def test_qlora_from_pretrained_merges_into_the_folders_own_weights(hf_llava_dir):
+    """Stage qlora from a llava-hf folder: the LLM's linears are 4-bit NF4 of the folder's weights, and the
+    export merges the adapters into the folder's un-quantized weights (W + scaling * B @ A, exact)."""
+    from llava_lightning.training.qlora_merge import merge_qlora
+    from llava_lightning.training.settings import LoraConfig
+
+    lit = LlavaLitModule(
+        pretrained=str(hf_llava_dir),
+        template="vicuna_v1",
+        stage="qlora",
+        lora=LoraConfig(r=8, alpha=16, dropout=0.0),
+    )
+    model = lit.model
+    torch.manual_seed(2)
+    for module in model.language_model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    q_proj = model.language_model.get_base_model().model.layers[1].self_attn.q_proj
+    delta = q_proj.get_delta_weight("default")
+    assert merge_qlora(model, lit.spec, "auto", lit.pretrained) == "original"
+    folder = LlavaModel.from_hf(hf_llava_dir).language_model.model.layers[1].self_attn.q_proj.weight
+    merged = model.language_model.model.layers[1].self_attn.q_proj
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged.weight, folder + delta)

@@ -6,7 +6,8 @@ resolved after all files are merged, so it may point into another file; every hy
 flag). The data module takes the model's stage, template and image aspect by links applied at parse
 time, and its tokenizer and image settings by links applied when the model is instantiated, so no
 YAML repeats them. `export --ckpt_path CKPT --out DIR` writes a llava-hf folder (from a
-.ckpt file or a sharded checkpoint folder, consolidated on the fly).
+.ckpt file or a sharded checkpoint folder, consolidated on the fly); LoRA adapters are merged, a qlora
+run's into un-quantized base weights (`--qlora_base`, docs/qlora.md).
 
 A checkpoint is untrusted input; `--ckpt_path` (a .ckpt file, or the `meta.pt` of a sharded FSDP2 / FSDP
 folder) is read with weights only before anything else, and:
@@ -178,6 +179,14 @@ def export(argv: list[str]) -> None:
         help="Let transformers run code that the model's hub repository or folder names (only if you trust "
         "it). A checkpoint's own trust_remote_code is ignored",
     )
+    parser.add_argument(
+        "--qlora_base",
+        choices=["auto", "original", "dequantized"],
+        default="auto",
+        help="Stage qlora: the un-quantized weights the adapters merge into: the base model's own (rebuilt from "
+        "its hub name or folder), the checkpoint's 4-bit weights dequantized, or auto: the original where the "
+        "spec names weights, else dequantized (docs/qlora.md)",
+    )
     args = parser.parse_args(argv)
     with consolidated(args.ckpt_path) as ckpt_file:
         # A checkpoint that asks for remote code is named in a warning (by load_from_checkpoint).
@@ -185,7 +194,12 @@ def export(argv: list[str]) -> None:
             ckpt_file, map_location="cpu", weights_only=True, trust_remote_code=args.trust_remote_code
         )
     model = lit.model
-    if hasattr(model.language_model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+    if lit.stage == "qlora":  # adapters merged into un-quantized base weights (training/qlora_merge.py)
+        from .training.qlora_merge import merge_qlora
+
+        base = merge_qlora(model, lit.spec, args.qlora_base, lit.pretrained)
+        print(f"qlora: adapters merged into the {base} base weights")  # noqa: T201 (CLI output)
+    elif hasattr(model.language_model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model.language_model = model.language_model.merge_and_unload()
     # The template and image aspect ride along, so `--model.pretrained OUT` trains and answers as this run did.
     model.save_hf(args.out, template=lit.template, image_aspect=lit.image_aspect)

@@ -28,17 +28,17 @@ from .training.epoch_end_resume import epoch_end_as_last_batch
 from .training.model_build import ModelBuilder, is_skeleton
 from .training.optimizer import configure_optimizers
 from .training.scaling_hooks import ScalingHooks
-from .training.settings import CheckpointingConfig, LoraConfig, OptimConfig
+from .training.settings import CheckpointingConfig, LoraConfig, OptimConfig, QLoraConfig
 from .training.stages import Stage
 from .training.token_mean import StepTokenCount, token_mean_scale
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointingConfig", "LlavaLitModule", "LoraConfig", "OptimConfig", "Stage"]
+__all__ = ["CheckpointingConfig", "LlavaLitModule", "LoraConfig", "OptimConfig", "QLoraConfig", "Stage"]
 
 # Checkpoints store these in `hyper_parameters`; allow them under torch.load(weights_only=True).
 torch.serialization.add_safe_globals(
-    [LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig, CheckpointingConfig]
+    [LlavaSpec, VisionSpec, LanguageSpec, OptimConfig, LoraConfig, QLoraConfig, CheckpointingConfig]
 )
 
 
@@ -54,6 +54,7 @@ class LlavaLitModule(L.LightningModule):
         unfreeze_vision_blocks: int = 0,
         optim: OptimConfig = OptimConfig(),  # noqa: B008 (a frozen-by-convention default jsonargparse can show)
         lora: LoraConfig = LoraConfig(),  # noqa: B008
+        qlora: QLoraConfig = QLoraConfig(),  # noqa: B008
         gradient_checkpointing: bool = False,
         activation_checkpointing: CheckpointingConfig = CheckpointingConfig(),  # noqa: B008
         init_projector: str | None = None,
@@ -72,10 +73,12 @@ class LlavaLitModule(L.LightningModule):
             pretrained: A released llava-hf checkpoint to start from (hub name such as
                 llava-hf/llava-1.5-7b-hf, or a folder transformers or our `export` wrote): tower, projector,
                 LLM, tokenizer, image settings, and the template and image aspect unless set here.
-            stage: What trains: align (projector), finetune (projector + LLM), full, lora.
+            stage: What trains: align (projector), finetune (projector + LLM), full, lora, qlora (lora over
+                a 4-bit LLM: docs/qlora.md).
             unfreeze_vision_blocks: Also train the last k vision-tower blocks.
             optim: Optimizer and schedule settings.
-            lora: LoRA settings (stage lora).
+            lora: LoRA settings (stages lora and qlora).
+            qlora: Quantization settings (stage qlora).
             gradient_checkpointing: Recompute activations of the trained transformer blocks in backward.
             activation_checkpointing: Per component (vision, language): none, every block or every k-th
                 block; a component left unset follows `gradient_checkpointing`.
@@ -109,15 +112,17 @@ class LlavaLitModule(L.LightningModule):
         self.pretrained = pretrained
         template, image_aspect = resolve_settings(pretrained, template, image_aspect)
         self.stage, self.unfreeze_vision_blocks = stage, unfreeze_vision_blocks
-        self.optim, self.lora_config = optim, lora
+        self.optim, self.lora_config, self.qlora_config = optim, lora, qlora
         self.gradient_checkpointing = gradient_checkpointing
         self.activation_checkpointing = activation_checkpointing
         self.init_projector, self.projector_artifact = init_projector, projector_artifact
         self.template, self.image_aspect, self.max_new_tokens = template, image_aspect, max_new_tokens
         self.sharded_init = sharded_init
         self.compile_blocks = compile
-        if sharded_init and stage == "lora":
-            raise ValueError("sharded_init does not support stage 'lora' (peft wraps a materialized model)")
+        if sharded_init and stage in ("lora", "qlora"):
+            raise ValueError(
+                f"sharded_init does not support stage {stage!r} (peft wraps a materialized model)"
+            )
         self.builder = ModelBuilder(self.spec, init_projector, self.apply_stage, pretrained)
         # Sharded init: the weights come later (training/strategies.py), from this moment's RNG state.
         self.model = self.builder.skeleton() if sharded_init else self.builder.build()
@@ -175,6 +180,7 @@ class LlavaLitModule(L.LightningModule):
             self.lora_config,
             self.gradient_checkpointing,
             self.activation_checkpointing,
+            self.qlora_config,
         )
 
     def enable_block_checkpointing(self) -> None:

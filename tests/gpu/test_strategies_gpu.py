@@ -1,7 +1,9 @@
 """GPU checks: a ~1.4B random-init LLaVA trained 20 steps on one CUDA device, reporting tokens/s,
 peak memory and MFU, as two sweeps of about 8 minutes each: the speed ladder under fsdp2 (baseline,
 packed, varlen kernel, no checkpointing, compiled; `LLAVA_GPU_SWEEP=speed`, the default) or the
-strategies fsdp2, fsdp, deepspeed_zero2 and deepspeed_zero3 (`LLAVA_GPU_SWEEP=strategies`).
+strategies fsdp2, fsdp, deepspeed_zero2 and deepspeed_zero3 (`LLAVA_GPU_SWEEP=strategies`); or QLoRA stage
+2 at LLaVA-1.5-7B shapes on one device, whose peak reserved memory must fit a 24 GB card
+(`LLAVA_GPU_SWEEP=qlora`, about 5 minutes).
 
     pytest -m gpu tests/gpu -s                                   # on a CUDA machine (skipped without one)
     python -m llava_lightning.bench.gpu_sweep --mode gpu-speed   # the same ladder as a script (--mode gpu: strategies)
@@ -19,7 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_lightning.bench.gpu_sweep import GPU, GPU_SPEED, SMOKE, SMOKE_SPEED, run_all
+from llava_lightning.bench.gpu_sweep import (
+    GPU,
+    GPU_QLORA,
+    GPU_SPEED,
+    QLORA_MEMORY_GIB,
+    SMOKE,
+    SMOKE_QLORA,
+    SMOKE_SPEED,
+    run_all,
+)
+from llava_lightning.training.quantization import kernel_problem
 
 SMOKE_REQUESTED = os.environ.get("LLAVA_GPU_SMOKE") == "1"
 SWEEP = os.environ.get("LLAVA_GPU_SWEEP", "speed")
@@ -49,15 +61,25 @@ def _check(summary, mode, strategies=None):
     "LLAVA_GPU_SMOKE=1 runs the same path with the tiny model on CPU",
 )
 def test_throughput_memory_mfu(tmp_path):
-    if SWEEP not in ("speed", "strategies"):
-        pytest.fail(f"LLAVA_GPU_SWEEP must be speed or strategies, got {SWEEP!r}")
-    modes = {"speed": (SMOKE_SPEED, GPU_SPEED), "strategies": (SMOKE, GPU)}[SWEEP]
+    if SWEEP not in ("speed", "strategies", "qlora"):
+        pytest.fail(f"LLAVA_GPU_SWEEP must be speed, strategies or qlora, got {SWEEP!r}")
+    modes = {
+        "speed": (SMOKE_SPEED, GPU_SPEED),
+        "strategies": (SMOKE, GPU),
+        "qlora": (SMOKE_QLORA, GPU_QLORA),
+    }[SWEEP]
     mode = modes[0] if SMOKE_REQUESTED else modes[1]
     out = os.environ.get("LLAVA_GPU_OUT")  # where the table, JSON lines and logs go (default tmp_path)
     summary = run_all(mode, tmp_path, out=Path(out) if out else None)
     _check(summary, mode)
     if mode.budget_s is not None:
         assert summary["total_s"] < mode.budget_s, f"sweep took {summary['total_s']:.0f} s"
+    if mode is GPU_QLORA:
+        (record,) = summary["records"]
+        print(
+            f"QLoRA 7B peak memory: {record['peak_mem_gib']:.2f} GiB allocated, {record['peak_reserved_gib']:.2f} GiB reserved"
+        )  # noqa: T201
+        assert record["peak_reserved_gib"] < QLORA_MEMORY_GIB, record
 
 
 def test_cpu_smoke_of_the_gpu_sweep(tmp_path):
@@ -79,3 +101,13 @@ def test_cpu_smoke_of_the_speed_ladder(tmp_path):
     assert "--data.pack_tokens=32768" in logs["packed-varlen"]
     assert "activation_checkpointing.language=none" in logs["packed-varlen-no-ckpt"]
     assert "activation_checkpointing.language=none" not in logs["packed-varlen"]
+
+
+@pytest.mark.skipif(kernel_problem("4bit", "cpu") is not None, reason="no bitsandbytes 4-bit on the CPU")
+def test_cpu_smoke_of_the_qlora_run(tmp_path):
+    """The QLoRA run's path (CLI with model.stage qlora under ddp.yaml, callback, results, table) with the
+    tiny model on CPU."""
+    summary = run_all(SMOKE_QLORA, tmp_path)
+    _check(summary, SMOKE_QLORA)
+    log = Path(summary["runs"][0]["log"]).read_text()
+    assert "qlora" in (tmp_path / "overlay-ddp.yaml").read_text() and "Traceback" not in log

@@ -29,12 +29,20 @@ Two modes share every line of that path:
   (`mix665k_like`: the synthetic conversations are short, so they would hide what padding costs).
   `SMOKE_SPEED` runs baseline, packed, packed-varlen (one sdpa per sample on CPU) and
   packed-varlen-no-ckpt on CPU.
+- `GPU_QLORA` (`--mode gpu-qlora`): QLoRA stage 2 (`--model.stage qlora`: LLM linear layers in NF4 with
+  double quantization and bf16 compute, LoRA r 128 / alpha 256 on every one, projector trained, tower
+  frozen; docs/qlora.md) at LLaVA-1.5-7B shapes (random init: CLIP ViT-L/14-336 as above, Vicuna-7B:
+  hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000), batch 8, every layer checkpointed, bf16-mixed,
+  one device under ddp.yaml, 10 steps: does it fit the memory of a 24 GB card (`QLORA_MEMORY_GIB`, checked
+  on the peak reserved memory)? `SMOKE_QLORA`: the same run with the tiny model on CPU. Its MFU counts
+  the frozen 4-bit weights' gradient FLOPs as a full fine-tune's (`training/flops.py`), so it is high.
 
 FLOPs come from `training/flops.py` (`LlavaFlops`; the count is documented there). Tests: `tests/gpu/`.
 
     python -m llava_lightning.bench.gpu_sweep                   # GPU mode (--strategies fsdp2 fsdp ...)
     python -m llava_lightning.bench.gpu_sweep --smoke           # the tiny model on CPU
     python -m llava_lightning.bench.gpu_sweep --mode gpu-speed  # the speed ladder (GPU_SPEED)
+    python -m llava_lightning.bench.gpu_sweep --mode gpu-qlora  # QLoRA 7B on one GPU (GPU_QLORA)
 """
 
 from __future__ import annotations
@@ -80,6 +88,15 @@ TINYLLAMA_1_1B = {
     "eos_token_id": 2,
     "tie_word_embeddings": False,
 }
+VICUNA_7B = {
+    **TINYLLAMA_1_1B,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+}
 BENCH_SPEC = {
     "vision": {
         "name": "clip-vit-large-patch14-336-random",
@@ -90,6 +107,13 @@ BENCH_SPEC = {
     "projector": "mlp2x_gelu",
     "language": {"name": "tinyllama-1.1b-random", "config": TINYLLAMA_1_1B, "tokenizer": "tiny:llama"},
 }
+LLAVA_7B_SPEC = {
+    **BENCH_SPEC,
+    "language": {"name": "vicuna-7b-random", "config": VICUNA_7B, "tokenizer": "tiny:llama"},
+}
+QLORA_MEMORY_GIB = 23.0
+"""What a QLoRA run's peak reserved memory must stay under to fit a 24 GB card (24 GiB less the CUDA
+context and what other processes hold)."""
 
 
 @dataclass
@@ -115,6 +139,8 @@ class Mode:
     """Label -> CLI flags: one run per variant under `strategies[0]` instead of one per strategy."""
     lengths: str = "shapes"
     """Training text lengths: `shapes` (the synthetic conversations, short) or `665k` (`mix665k_like`)."""
+    stage: str = "finetune"
+    """The model's stage (`model.stage`): finetune (projector + LLM) or qlora."""
 
     def runs(self, only: tuple[str, ...] | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
         """(label, strategy, flags after the strategy YAML) of each run, in order; `only` picks labels."""
@@ -164,6 +190,19 @@ GPU_SPEED = replace(
     variants=SPEED_VARIANTS,
     lengths="665k",
 )
+# QLoRA stage 2 at LLaVA-1.5-7B shapes on one device: does it fit a 24 GB card?
+GPU_QLORA = replace(
+    GPU,
+    name="gpu-qlora",
+    strategies=("ddp",),
+    steps=10,
+    warmup=3,
+    batch_size=8,  # per step; LLaVA's 16 per device is 2 steps of accumulation
+    model={"preset": None, "spec": LLAVA_7B_SPEC},
+    stage="qlora",
+    timeout_s=420,  # building 7B in fp32 on the host and quantizing it take a minute or two
+    budget_s=480,
+)
 SMOKE = Mode(
     name="smoke",
     strategies=("ddp", "fsdp2"),
@@ -197,7 +236,8 @@ SMOKE_SPEED = replace(
     },
     lengths="665k",
 )
-MODES = {m.name: m for m in (GPU, GPU_SPEED, SMOKE, SMOKE_SPEED)}
+SMOKE_QLORA = replace(SMOKE, name="smoke-qlora", strategies=("ddp",), strategy_flags={}, stage="qlora")
+MODES = {m.name: m for m in (GPU, GPU_SPEED, GPU_QLORA, SMOKE, SMOKE_SPEED, SMOKE_QLORA)}
 
 
 def make_data(out: Path, mode: Mode) -> Path:
@@ -289,7 +329,7 @@ def overlay(mode: Mode, label: str, train_json: Path, workdir: Path, results: Pa
         },
         "model": {
             **mode.model,
-            "stage": "finetune",
+            "stage": mode.stage,
             "gradient_checkpointing": True,
             "init_projector": None,
         },
@@ -375,6 +415,12 @@ def run_strategy(
     return run
 
 
+def _trains(mode: Mode) -> str:
+    if mode.stage == "qlora":  # the LLM's parameter count is of its stored elements (4-bit: 2 per byte)
+        return "qlora: projector + LoRA over an NF4 LLM train; LLM params as stored"
+    return "projector + LLM train"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -388,7 +434,7 @@ def table(mode: Mode, records: list[dict[str, Any]], runs: list[dict[str, Any]])
     lines = [
         f"Device: {first.get('device', '?')}; {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"mode {mode.name}: {mode.steps} steps ({mode.warmup} warm-up), batch {mode.batch_size}, stage 2 "
-        f"(projector + LLM train){'' if mode.variants else ', gradient checkpointing'}; params vision {params.get('vision', 0) / 1e6:.0f}M, "
+        f"({_trains(mode)}){'' if mode.variants else ', gradient checkpointing'}; params vision {params.get('vision', 0) / 1e6:.0f}M, "
         f"projector {params.get('projector', 0) / 1e6:.1f}M, LLM {params.get('llm', 0) / 1e6:.0f}M "
         f"(trainable {params.get('trainable', 0) / 1e6:.0f}M); MFU vs {first.get('peak_source', '?')}.",
         "",
@@ -452,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
         "--mode",
         choices=sorted(MODES),
         help="gpu (strategies, the default), gpu-speed (baseline / packed / no checkpointing / compiled, "
-        "under fsdp2), or their CPU smokes smoke and smoke-speed (--smoke is smoke)",
+        "under fsdp2), gpu-qlora (QLoRA at LLaVA-1.5-7B shapes on one device), or their CPU smokes smoke, "
+        "smoke-speed and smoke-qlora (--smoke is smoke)",
     )
     parser.add_argument("--strategies", nargs="+", help="subset of the mode's strategies or variants")
     parser.add_argument("--out", default=str(REPO / "outputs" / "gpu_checks"), help="table, results, logs")

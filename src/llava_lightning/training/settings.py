@@ -1,5 +1,5 @@
-"""Typed settings of `LlavaLitModule`: the optimizer and schedule, LoRA, activation checkpointing
-(each field a CLI flag)."""
+"""Typed settings of `LlavaLitModule`: the optimizer and schedule, LoRA, QLoRA's quantization, activation
+checkpointing (each field a CLI flag)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ class LoraConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] | str = "all-linear"
     """LLM module names to adapt, or `all-linear` (every Linear except the LM head)."""
+
+
+@dataclass
+class QLoraConfig:
+    """Quantization of the `qlora` stage (bitsandbytes; the adapters are `LoraConfig`'s): the LLM's linear
+    layers, LM head excepted, stored in 4 bit (QLoRA: NF4, double quantization, bf16 compute)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the LLM's linear weights (NF4: QLoRA's normal-float levels)."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (about 0.4 bit less per weight)."""
+    blocksize: int = 64
+    """Weights per quantization block (one scale each)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the 4-bit layers dequantize to and multiply in."""
+    vision_8bit: bool = False
+    """Also store the frozen vision tower's linear layers in 8 bit (LLM.int8(); needs bitsandbytes' int8
+    kernels on the training device)."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """LLaVA's training stages as plain functions on a `LlavaModel`: which parameters train.
 
 `align` (stage 1: projector only), `finetune` (stage 2: projector + LLM), `full` (everything that
-runs), `lora` (LoRA adapters on the LLM through peft, projector fully trained); any stage may also
+runs), `lora` (LoRA adapters on the LLM through peft, projector fully trained), `qlora` (`lora` over
+an LLM whose linear layers are stored in 4 bit: `quantization.py`); any stage may also
 train the last k vision blocks, and turn on activation checkpointing of the trained blocks.
 Vision blocks past the deepest feature layer never run, so they stay frozen in every stage.
 """
@@ -18,11 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model import LlavaModel
 from .params import param_table
-from .settings import CheckpointingConfig, LoraConfig
+from .settings import CheckpointingConfig, LoraConfig, QLoraConfig
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["align", "finetune", "full", "lora"]
+Stage = Literal["align", "finetune", "full", "lora", "qlora"]
 
 
 def components(model: LlavaModel) -> dict[str, nn.Module]:
@@ -41,11 +42,19 @@ def apply_stage(
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
     checkpointing: CheckpointingConfig | None = None,
+    qlora: QLoraConfig | None = None,
 ) -> None:
     """Set `requires_grad` for `stage`, turn on activation checkpointing (`gradient_checkpointing`: every
     block, unless `checkpointing` chooses per component), then log the table of trainable parameters."""
     if stage == "lora":
         freeze_for_lora(model, lora or LoraConfig())
+    elif stage == "qlora":
+        qlora = qlora or QLoraConfig()
+        if qlora.vision_8bit and unfreeze_vision_blocks:
+            raise ValueError(
+                "model.qlora.vision_8bit keeps the tower frozen in 8 bit: drop unfreeze_vision_blocks"
+            )
+        freeze_for_qlora(model, lora or LoraConfig(), qlora)
     else:
         {"align": freeze_for_align, "finetune": freeze_for_finetune, "full": freeze_for_full}[stage](model)
     if unfreeze_vision_blocks:
@@ -93,6 +102,33 @@ def freeze_for_lora(model: LlavaModel, lora: LoraConfig) -> None:
     if not hasattr(model.language_model, "peft_config"):
         model.language_model = get_peft_model(model.language_model, cfg)
     model.multi_modal_projector.requires_grad_(True)
+
+
+def freeze_for_qlora(model: LlavaModel, lora: LoraConfig, qlora: QLoraConfig) -> None:
+    """QLoRA: the LLM's linear layers (LM head excepted) quantized to 4 bit, LoRA adapters on top (peft);
+    projector fully trained; the vision tower frozen (its linear layers in 8 bit with `vision_8bit`)."""
+    from .quantization import (
+        quantization_device,
+        quantize_language_model,
+        quantize_vision_tower_8bit,
+        require_kernels,
+    )
+
+    # Quantized here, where this process can (quantization_device); the training device is checked
+    # again when a trainer sets the module up (strategies.setup_model).
+    require_kernels("4bit", quantization_device())
+    if not hasattr(model.language_model, "peft_config"):
+        n = quantize_language_model(model.language_model, qlora)
+        log.info(
+            "qlora: %d LLM linear layers in 4 bit (%s, double quantization %s, compute %s)",
+            n, qlora.quant_type, qlora.double_quant, qlora.compute_dtype,
+        )  # fmt: skip
+    if qlora.vision_8bit:
+        require_kernels("8bit", quantization_device(), what=" (model.qlora.vision_8bit)")
+        log.info(
+            "qlora: %d vision-tower linear layers in 8 bit", quantize_vision_tower_8bit(model.vision_tower)
+        )
+    freeze_for_lora(model, lora)
 
 
 def unfreeze_last_vision_blocks(model: LlavaModel, k: int) -> None:

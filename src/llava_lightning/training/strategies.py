@@ -5,7 +5,8 @@
   `compile`, the blocks are compiled before any of it wraps them (`compile.py`).
 - `setup_model`: sharded init under FSDP1 (rank 0 builds, the others keep the skeleton) and under
   strategies that cannot init sharded (every rank builds, with a warning); the vision tower's text-only
-  run under module-by-module sharding; the refusal of strategies that accumulate gradients themselves.
+  run under module-by-module sharding; the refusal of strategies that accumulate gradients themselves;
+  stage qlora's checks (bitsandbytes kernels on the training device, no sharding strategy).
 - `metrics_to_device`, `clip_gradients`, `gather_projector_state`: ZeRO-3 places no metrics, FSDP1
   clips through its root, each sharded strategy gathers the projector its own way.
 """
@@ -88,6 +89,8 @@ def setup_model(module: Any, stage: str) -> None:
                 type(strategy).__name__,
             )
             module.model = module.builder.build_from_construction_rng()
+    if module.stage == "qlora":
+        check_qlora(module, strategy)
     # Module-by-module sharding gathers each unit on all ranks together, so a batch without images
     # still runs the vision tower (on a blank image) wherever another rank's batch has some.
     module.model.tower_on_text_only = shards_modules(strategy)
@@ -98,6 +101,22 @@ def setup_model(module: Any, stage: str) -> None:
             "strategy's). For DeepSpeed use llava_lightning.training.deepspeed.LlavaDeepSpeedStrategy "
             "(conf/strategy/deepspeed_*.yaml), or set trainer.accumulate_grad_batches to 1"
         )
+
+
+def check_qlora(module: Any, strategy: Any) -> None:
+    """Stage qlora: bitsandbytes' 4-bit (and, with `vision_8bit`, 8-bit) kernels must run on the device
+    the model trains on, and the strategy must keep whole modules per rank (the packed 4-bit weights and
+    their quantization state are not sharded)."""
+    from .quantization import require_kernels
+
+    if shards_modules(strategy):
+        raise ValueError(
+            f"stage 'qlora' runs under one device or DDP; {type(strategy).__name__} shards parameters, "
+            "which the packed 4-bit weights do not support here: use conf/strategy/ddp.yaml or a single device"
+        )
+    require_kernels("4bit", strategy.root_device)
+    if module.qlora_config.vision_8bit:
+        require_kernels("8bit", strategy.root_device, what=" (model.qlora.vision_8bit)")
 
 
 def metrics_to_device(module: Any) -> None:
