@@ -154,3 +154,89 @@ def test_geometry_and_transform_refuse_bad_input():
     transform = AnyresTransform(AnyresGeometry(TILE, 3, PINPOINTS), CLIP_MEAN, CLIP_STD, max_pixels=1000)
     with pytest.raises(ImageDecodeError, match="over the limit"):
         transform.to_uint8(make_image(50, 40))
+
+
+# -- the data pipeline: each <image> its own count, crops and sizes in sample order ----------------------
+
+
+def _png(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _anyres_encoder(tokenizer, uint8=True):
+    from llava_lightning.data.sample import SampleEncoder
+
+    transform = AnyresTransform(AnyresGeometry(TILE, TILE // PATCH, PINPOINTS), CLIP_MEAN, CLIP_STD)
+    return SampleEncoder("vicuna_v1", tokenizer, transform, num_image_tokens=9, uint8_pixels=uint8)
+
+
+def _runs(ids: torch.Tensor, image_id: int) -> list[int]:
+    """Lengths of the runs of `image_id` in `ids`, left to right."""
+    runs, n = [], 0
+    for t in ids.tolist() + [None]:
+        if t == image_id:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    return runs
+
+
+def test_sample_encoder_expands_each_image_to_its_own_count(tiny_llama):
+    encoder = _anyres_encoder(tiny_llama)
+    images = [make_image(500, 300, 1), make_image(70, 190, 2)]
+    record = [
+        {"from": "human", "value": "<image>\nWhat is here? <image>\nAnd here?"},
+        {"from": "gpt", "value": "A red circle."},
+    ]
+    sample = encoder(record, [_png(img) for img in images], "rec-0")
+    geometry = encoder.transform.geometry
+    image_id = tiny_llama.convert_tokens_to_ids("<image>")
+    assert _runs(sample["input_ids"], image_id) == [
+        geometry.num_tokens(300, 500),
+        geometry.num_tokens(190, 70),
+    ]
+    assert sample["image_sizes"].tolist() == [[300, 500], [190, 70]]
+    processor = next_image_processor()
+    reference = torch.cat(
+        [to_uint8(processor(img, return_tensors="pt")["pixel_values"][0]) for img in images]
+    )
+    assert torch.equal(sample["pixel_values"], reference)
+    text_only = encoder([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], [], "rec-1")
+    assert text_only["pixel_values"].shape == (0, 3, TILE, TILE) and text_only["image_sizes"].shape == (0, 2)
+    mismatch = encoder(record, [_png(images[0])], "rec-2")
+    assert mismatch["__skipped__"] == "image_count_mismatch"
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 400])
+def test_collator_keeps_crops_sizes_and_feature_index_in_token_order(tiny_llama, pack_tokens):
+    from llava_lightning.data.collate import LlavaCollator
+
+    encoder = _anyres_encoder(tiny_llama)
+    geometry = encoder.transform.geometry
+    image_id = tiny_llama.convert_tokens_to_ids("<image>")
+    sizes = [[(300, 500)], [], [(190, 70), (60, 60)], [(100, 250)]]
+    samples = []
+    for i, sample_sizes in enumerate(sizes):
+        human = "<image>\n" * len(sample_sizes) + "Describe" + " it" * (20 * i)  # different lengths
+        record = [{"from": "human", "value": human}, {"from": "gpt", "value": "A circle."}]
+        pngs = [_png(make_image(w, h, seed=i)) for h, w in sample_sizes]
+        samples.append(encoder(record, pngs, f"rec-{i}"))
+    collate = LlavaCollator(
+        tiny_llama.pad_token_id, pack_tokens=pack_tokens, image_token_id=image_id, anyres=geometry
+    )
+    batch = collate(samples)
+    # The order the images' tokens appear in the batch (row-major), and their crops and sizes follow it.
+    flat = batch["input_ids"].reshape(-1)
+    runs = _runs(flat, image_id)
+    order = batch["image_sizes"].tolist()
+    assert sorted(map(tuple, order)) == sorted(s for ss in sizes for s in ss)
+    assert runs == [geometry.num_tokens(h, w) for h, w in order]
+    assert batch["pixel_values"].shape[0] == sum(geometry.num_crops(h, w) for h, w in order)
+    assert torch.equal(batch["image_feature_index"], geometry.feature_index(order))
+    assert batch["image_positions"].numel() == batch["image_feature_index"].numel()
+    if pack_tokens is not None:
+        assert len(batch["input_ids"]) < len(samples)
