@@ -214,3 +214,36 @@ def test_llava_1_5_folders_still_load_as_llava(tmp_path):
     model.save_hf(tmp_path)
     again = LlavaModel.from_hf(tmp_path)
     assert again.anyres is None and again.image_newline is None
+
+
+def test_anyres_greedy_generation_equals_transformers_generate(tmp_path):
+    """`generate_ids` (KV cache, left padding) of the anyres model == `LlavaNextForConditionalGeneration.generate`
+    on the processor's inputs (greedy, same weights); `inference.generate` runs end to end on images."""
+    from llava_lightning.inference.generate import generate
+    from llava_lightning.model.generation import _suppressed_ids, generate_ids
+
+    model = LlavaModel.from_preset("tiny-next").eval()
+    model.save_hf(tmp_path)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=_images(), text=PROMPTS, return_tensors="pt", padding=True)
+    # Ours never emits ids past the tokenizer (the padded vocabulary) or the image / pad ids: same for theirs.
+    limit, banned = _suppressed_ids(model, hf.config.text_config.vocab_size)
+    suppress = list(range(limit, hf.config.text_config.vocab_size)) + list(banned)
+    with torch.no_grad():
+        theirs = hf.generate(
+            **inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6, suppress_tokens=suppress
+        )
+    ours = generate_ids(
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        image_sizes=inputs["image_sizes"],
+        max_new_tokens=6,
+        eos_token_ids=[],
+    )
+    assert torch.equal(ours, theirs[:, inputs["input_ids"].shape[1] :])
+    replies = generate(model, [_images()[0], None], ["What colour is the circle?", "Hi"], max_new_tokens=3)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
