@@ -247,3 +247,18 @@ def test_anyres_greedy_generation_equals_transformers_generate(tmp_path):
     assert torch.equal(ours, theirs[:, inputs["input_ids"].shape[1] :])
     replies = generate(model, [_images()[0], None], ["What colour is the circle?", "Hi"], max_new_tokens=3)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_pretrained_llava_next_folder_starts_a_run_and_builds_a_meta_skeleton(tmp_path, tiny_llama):
+    """`--model.pretrained` of a llava-next folder: the run's model is anyres with the folder's weights;
+    `load_weights=False` under the meta device (sharded init) gives the same keys with no storage."""
+    from llava_lightning.module import LlavaLitModule
+
+    hf = _transformers_written_folder(tmp_path, tiny_llama)
+    lit = LlavaLitModule(pretrained=str(tmp_path), template="vicuna_v1", stage="finetune")
+    assert lit.model.anyres is not None and lit.model.image_newline.requires_grad
+    assert torch.equal(lit.model.image_newline, hf.model.image_newline)
+    with torch.device("meta"):
+        skeleton = LlavaModel.from_hf(tmp_path, load_weights=False)
+    assert skeleton.anyres is not None and all(p.is_meta for p in skeleton.parameters())
+    assert set(skeleton.state_dict()) == set(lit.model.state_dict())
