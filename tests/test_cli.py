@@ -32,6 +32,8 @@ def test_every_yaml_under_conf_is_valid_yaml(name):
         ["stage2.yaml"],
         ["stage1.yaml", "tiny.yaml"],
         ["stage2.yaml", "tiny.yaml"],
+        ["stage2.yaml", "next.yaml"],
+        ["stage2.yaml", "tiny.yaml", "tiny_next.yaml"],
         ["stage2.yaml", "scienceqa.yaml"],
         ["stage2.yaml", "strategy/ddp.yaml"],
         ["stage2.yaml", "strategy/fsdp2.yaml"],
@@ -46,7 +48,11 @@ def test_print_config_for_each_stage_and_overlay(files, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["stage"] in ("align", "finetune", "lora")
     if "tiny.yaml" in files:
-        assert printed["model"]["preset"] == "tiny" and printed["trainer"]["accelerator"] == "cpu"
+        preset = "tiny-next" if "tiny_next.yaml" in files else "tiny"
+        assert printed["model"]["preset"] == preset and printed["trainer"]["accelerator"] == "cpu"
+    if "next.yaml" in files:  # the recipe's spec, with LLaVA-NeXT's pinpoints
+        assert printed["model"]["spec"]["language"]["name"] == "lmsys/vicuna-7b-v1.5"
+        assert printed["model"]["spec"]["image_grid_pinpoints"][0] == [336, 672]
 
 
 def test_overlays_merge_left_to_right(capsys):
@@ -107,6 +113,48 @@ def test_stage1_stage2_export_end_to_end(shapes_dir, tmp_path, monkeypatch):
     records = json.loads((shapes_dir / "eval" / "scienceqa_style.json").read_text())
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     first = records[0]
+    image = decode_image(shapes_dir / "eval" / first["image"])
+    assert rows[0]["reply"] == generate(ours, [[image]], [prompt_of(first)], max_new_tokens=3)[0]
+
+
+def test_tiny_anyres_run_trains_on_cpu_exports_to_llava_next_and_predicts(shapes_dir, tmp_path, monkeypatch):
+    """`-c conf/stage2.yaml -c conf/tiny.yaml -c conf/tiny_next.yaml` on the synthetic data: a LLaVA-NeXT
+    (anyres) stage 2 trains on the CPU, exports to a folder transformers loads as llava-next, predicts."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava_lightning.module import LlavaLitModule
+
+    (tmp_path / "data").mkdir()
+    os.symlink(shapes_dir, tmp_path / "data" / "shapes")
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "-c", str(CONF / "tiny.yaml"), "-c", str(CONF / "tiny_next.yaml"), "--trainer.enable_progress_bar=false",
+        "--data.num_workers=0", f"--trainer.logger.init_args.save_dir={tmp_path}/runs", "--data.batch_size=4",
+    ]  # fmt: skip
+    cli = main(["fit", "-c", str(CONF / "stage2.yaml"), *common, "--trainer.max_steps=6",
+                "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=next"])  # fmt: skip
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    (ckpt,) = glob.glob(f"{tmp_path}/runs/next/version_0/checkpoints/last.ckpt")
+    ours = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
+    assert ours.anyres is not None
+    # image_newline trained in stage 2: its own AdamW group, with moments
+    optimizer = torch.load(ckpt, map_location="cpu", weights_only=True)["optimizer_states"][0]
+    (group,) = [g for g in optimizer["param_groups"] if g["name"] == "image_newline/no_decay"]
+    assert optimizer["state"][group["params"][0]]["exp_avg"].abs().sum() > 0
+    main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "hf")])
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = decode_image(next((shapes_dir / "instruct").rglob("*.jpg")))
+    inputs = processor(images=[image], text=["USER: <image>\nWhat is it? ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=1e-4)
+    main(["predict", "-c", str(CONF / "stage2.yaml"), *common[:4], "-c", str(CONF / "predict.yaml"),
+          "--data.num_workers=0", "--data.batch_size=5", "--model.max_new_tokens=3",
+          f"--trainer.callbacks.init_args.output={tmp_path}/pred.jsonl", f"--ckpt_path={ckpt}"])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    records = json.loads((shapes_dir / "eval" / "scienceqa_style.json").read_text())
+    first = records[0]
+    assert len(rows) == len(records)
     image = decode_image(shapes_dir / "eval" / first["image"])
     assert rows[0]["reply"] == generate(ours, [[image]], [prompt_of(first)], max_new_tokens=3)[0]
 

@@ -178,3 +178,34 @@ def test_sharded_init_from_a_pretrained_folder_loads_its_weights_after_sharding(
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def test_fsdp2_shards_and_trains_an_anyres_model(process_group):
+    """LLaVA-NeXT's root-level `image_newline` is sharded with the root unit and gets its gradient, with
+    images (crops of two sizes) and on a text-only batch (the blank-image path)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from llava_lightning.module import LlavaLitModule
+    from llava_lightning.training.fsdp2 import shard_fsdp2
+
+    lit = LlavaLitModule(preset="tiny-next", stage="finetune")
+    model = lit.model.train()
+    shard_fsdp2(model, init_device_mesh("cpu", (1,)), param_dtype=None)
+    assert isinstance(model.image_newline, DTensor) and model.image_newline.requires_grad
+    sizes = torch.tensor([[300, 500], [60, 60]])
+    geometry = model.anyres
+    ids = [1, 5]
+    for h, w in sizes.tolist():
+        ids += [model.image_token_id] * geometry.num_tokens(h, w) + [7]
+    ids = torch.tensor([ids + [8, 9]])
+    crops = sum(geometry.num_crops(h, w) for h, w in sizes.tolist())
+    pixels = torch.randint(0, 256, (crops, 3, geometry.tile, geometry.tile), dtype=torch.uint8)
+    labels = torch.where(ids == model.image_token_id, -100, ids)
+    model(
+        ids, torch.ones_like(ids), pixels, labels=labels, image_sizes=sizes, return_logits=False
+    ).loss.backward()
+    assert model.image_newline.grad is not None and model.image_newline.grad.full_tensor().abs().sum() > 0
+    text = torch.tensor([[5, 6, 7, 8]])
+    model(text, torch.ones_like(text), None, labels=text, return_logits=False).loss.backward()

@@ -286,3 +286,104 @@ def test_two_gloo_ranks_with_two_workers_stay_in_step_and_read_each_sample_once(
     ids = [k.split("id=")[1] for r in ranks for k in r["instruct"]["keys"]]
     assert Counter(ids) == Counter(str(i) for i in range(9))
     assert sum(r["instruct"]["skipped"].get("padding", 0) for r in ranks) == 1
+
+
+# -- anyres (LLaVA-NeXT) samples under two ranks: data in step, DDP through text-only batches -----------
+
+
+class AnyresIdEncoder:
+    """Stands in for `SampleEncoder` with anyres: record i holds `IMAGES[i]` (height, width) images, each
+    its own token count and crops (random pixels), then `4 + i` text tokens of id `100 + i`."""
+
+    IMAGES = {1: [(300, 500)], 2: [(190, 70), (60, 60)], 5: [(80, 200)]}
+
+    def __init__(self, geometry, image_id):
+        self.geometry, self.image_id = geometry, image_id
+
+    def __call__(self, conversations, images, where):
+        i = int(where.split("id=")[1])
+        sizes = self.IMAGES.get(i, [])
+        ids = [100 + i]
+        for h, w in sizes:
+            ids += [self.image_id] * self.geometry.num_tokens(h, w) + [7]
+        ids += [100 + i] * (4 + i)
+        ids = torch.tensor(ids)
+        labels = torch.where(ids == self.image_id, -100, ids)
+        crops = sum(self.geometry.num_crops(h, w) for h, w in sizes)
+        tile = self.geometry.tile
+        gen = torch.Generator().manual_seed(i)
+        pixels = torch.randint(0, 256, (crops, 3, tile, tile), generator=gen, dtype=torch.uint8)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": pixels,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
+        }
+
+    def fail(self, reason, where, detail):
+        return skip(reason, where, detail)
+
+
+def _anyres_rank_main(rank, world, port, root, pack_tokens):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llava_lightning import LlavaModel
+    from llava_lightning.training.stages import freeze_for_finetune
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    model = LlavaModel.from_preset("tiny-next").train()
+    freeze_for_finetune(model)
+    ddp = DistributedDataParallel(model)
+    encoder = AnyresIdEncoder(model.anyres, model.image_token_id)
+    dataset = InstructionDataset(root / "records.json", root, encoder)
+    collate = LlavaCollator(
+        0, pack_tokens=pack_tokens, image_token_id=model.image_token_id, anyres=model.anyres
+    )
+    loader = DataLoader(dataset, batch_size=2, sampler=EpochSampler(len(dataset), seed=3), collate_fn=collate)
+    ids, had_images = [], []
+    for batch in loader:
+        flags = torch.tensor([1, 0])
+        dist.all_reduce(flags)
+        assert flags.tolist() == [world, 0], "ranks out of step"
+        sizes = batch["image_sizes"].tolist()
+        assert batch["image_feature_index"].numel() == batch["image_positions"].numel()
+        crops = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
+        assert crops == sum(model.anyres.num_crops(h, w) for h, w in sizes)
+        had_images.append(bool(sizes))
+        keys = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids", "image_positions")
+        out = ddp(**{k: batch.get(k) for k in keys}, image_feature_index=batch["image_feature_index"])
+        out.loss.backward()  # DDP all-reduces every trainable gradient: a rank without images must join
+        ids += [int(t) - 100 for t in batch["input_ids"].flatten().tolist() if 100 <= t < 200]
+    flags = torch.tensor([0, 1])
+    dist.all_reduce(flags)
+    assert flags.tolist() == [0, world], "ranks out of step"
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    dist.barrier()
+    dist.destroy_process_group()
+    result = {
+        "ids": sorted(set(ids)),
+        "had_images": had_images,
+        "grads_equal": bool(torch.equal(gathered[0], gathered[1])),
+        "newline_grad": float(model.image_newline.grad.abs().sum()),
+    }
+    (root / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("pack_tokens", [None, 200])
+def test_two_gloo_ranks_train_anyres_samples_in_step_with_text_only_batches(tmp_path, pack_tokens):
+    records = [{"id": str(i), "conversations": []} for i in range(8)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    run_ranks(_anyres_rank_main, tmp_path, pack_tokens, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(8))  # each sample once
+    assert len(ranks[0]["had_images"]) == len(ranks[1]["had_images"]) == 2
+    # The case that hangs or fails DDP when a rank skips modules: one rank's batch without any image.
+    assert any(a != b for a, b in zip(ranks[0]["had_images"], ranks[1]["had_images"]))
+    assert all(r["grads_equal"] for r in ranks) and ranks[0]["newline_grad"] > 0

@@ -208,6 +208,61 @@ def test_packed_rows_give_the_padded_batchs_loss_sum_count_logits_and_gradients(
         torch.testing.assert_close(logits_packed[r, s : s + n], logits_padded[i, :n], rtol=1e-5, atol=1e-5)
 
 
+def _anyres_sample(model, sizes: list[tuple[int, int]], prompt: int, reply: int, seed: int) -> dict:
+    """An encoded LLaVA-NeXT sample: each image (height, width) its own token count and crops."""
+    geometry, gen = model.anyres, torch.Generator().manual_seed(seed)
+    parts = [torch.randint(3, 900, (2,), generator=gen)]
+    for h, w in sizes:
+        parts += [torch.full((geometry.num_tokens(h, w),), model.image_token_id)]
+        parts += [torch.randint(3, 900, (2,), generator=gen)]
+    parts += [torch.randint(3, 900, (prompt + reply,), generator=gen)]
+    ids = torch.cat(parts)
+    labels = ids.clone()
+    labels[: len(ids) - reply] = IGNORE_INDEX
+    crops = sum(geometry.num_crops(h, w) for h, w in sizes)
+    size = geometry.tile
+    pixels = torch.randint(0, 256, (crops, 3, size, size), generator=gen, dtype=torch.uint8)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": pixels,
+        "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),
+    }
+
+
+def test_anyres_packed_rows_give_the_padded_batchs_loss_sum_logits_and_gradients():
+    """LLaVA-NeXT samples (each image its own crops and count) packed out of sample order: the padded
+    batch's loss sum, logits and gradients (image_newline's included)."""
+    spec = get_preset("tiny-next")
+    torch.manual_seed(0)
+    lit = LlavaLitModule(spec=spec, stage="finetune")
+    model = lit.model
+    shapes = [([(300, 500)], 30, 9), ([(190, 70), (80, 200)], 20, 14), ([(60, 60)], 2, 3), ([], 11, 5)]
+    samples = [_anyres_sample(model, *shape, seed=i) for i, shape in enumerate(shapes)]
+    collate = dict(pad_token_id=0, image_token_id=model.image_token_id, anyres=model.anyres)
+    padded = LlavaCollator(**collate)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    capacity = max(lengths[0] + lengths[2], max(lengths))  # rows [0, 2, ...], [1, ...]: images reordered
+    packed = LlavaCollator(**collate, pack_tokens=capacity)(samples)
+    layout = _segments(samples, capacity)
+    assert len(packed["input_ids"]) < len(padded["input_ids"])
+    assert packed["image_sizes"].tolist() != padded["image_sizes"].tolist()  # packing reordered the images
+    out_padded, grads_padded = _grads(lit, padded)
+    out_packed, grads_packed = _grads(lit, packed)
+    assert int(out_packed.num_supervised) == int(out_padded.num_supervised) == count_supervised(padded)
+    torch.testing.assert_close(out_packed.loss_sum, out_padded.loss_sum, rtol=1e-5, atol=0)
+    assert "model.image_newline" in grads_padded and set(grads_packed) == set(grads_padded)
+    for name, reference in grads_padded.items():
+        error = (grads_packed[name] - reference).norm()
+        assert error <= 1e-5 * reference.norm() + 1e-12, f"{name}: {error / reference.norm():.2e}"
+    with torch.no_grad():
+        logits_padded = _forward(lit, padded, logits=True).logits
+        logits_packed = _forward(lit, packed, logits=True).logits
+    for i, (r, s) in layout.items():
+        n = len(samples[i]["input_ids"])
+        torch.testing.assert_close(logits_packed[r, s : s + n], logits_padded[i, :n], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 def test_tail_padding_changes_no_real_tokens_logits(attn):
     lit = _lit(attn)
@@ -339,16 +394,16 @@ class _SummaryDataModule(LlavaDataModule):
         return self.summary
 
 
-def _fit(shapes_dir, tmp_path, pack_tokens):
+def _fit(shapes_dir, tmp_path, pack_tokens, preset="tiny", max_length=128):
     torch.manual_seed(0)
-    lit = _StepRecorder(preset="tiny", stage="finetune", optim=OptimConfig(lr=0.0))
+    lit = _StepRecorder(preset=preset, stage="finetune", optim=OptimConfig(lr=0.0))
     source = SourceConfig(
         kind="instruct",
         path=str(shapes_dir / "instruct/llava_instruct.json"),
         image_root=str(shapes_dir / "instruct"),
     )
     dm = _SummaryDataModule(
-        train=[source], batch_size=4, num_workers=0, max_length=128, pack_tokens=pack_tokens
+        train=[source], batch_size=4, num_workers=0, max_length=max_length, pack_tokens=pack_tokens
     )
     quiet_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(lit, datamodule=dm)
     return lit.steps, dm.summary
@@ -362,6 +417,19 @@ def test_pack_tokens_trains_through_fit_with_the_padded_paths_token_counts(shape
     for (tokens_padded, grads_padded), (tokens_packed, grads_packed) in zip(padded_steps, packed_steps):
         assert tokens_packed == tokens_padded > 0
         assert set(grads_packed) == set(grads_padded)
+        for name, reference in grads_padded.items():
+            assert (grads_packed[name] - reference).norm() <= 1e-5 * reference.norm() + 1e-12, name
+    assert packed_summary == padded_summary and packed_summary["samples_seen"] == 16
+
+
+def test_anyres_pack_tokens_trains_through_fit_with_the_padded_paths_token_counts(shapes_dir, tmp_path):
+    """The same through `Trainer.fit` with `tiny-next` (the data module tiles each image, links the geometry)."""
+    padded_steps, padded_summary = _fit(shapes_dir, tmp_path, None, "tiny-next", 192)
+    packed_steps, packed_summary = _fit(shapes_dir, tmp_path, 400, "tiny-next", 192)
+    assert len(packed_steps) == len(padded_steps) == 2
+    for (tokens_padded, grads_padded), (tokens_packed, grads_packed) in zip(padded_steps, packed_steps):
+        assert tokens_packed == tokens_padded > 0
+        assert "model.image_newline" in grads_padded and set(grads_packed) == set(grads_padded)
         for name, reference in grads_padded.items():
             assert (grads_packed[name] - reference).norm() <= 1e-5 * reference.norm() + 1e-12, name
     assert packed_summary == padded_summary and packed_summary["samples_seen"] == 16

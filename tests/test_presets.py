@@ -18,6 +18,23 @@ def test_llava_15_presets_follow_the_paper(name, llm):
     assert spec.language.name == llm and spec.language.image_token == "<image>"
 
 
+@pytest.mark.parametrize(
+    "name,llm",
+    [
+        ("llava-next-7b", "lmsys/vicuna-7b-v1.5"),
+        ("llava-next-mistral-7b", "mistralai/Mistral-7B-Instruct-v0.2"),
+    ],
+)
+def test_llava_next_presets_are_llava_15_parts_with_the_next_pinpoints(name, llm):
+    """llava-hf/llava-v1.6-{vicuna,mistral}-7b-hf: CLIP ViT-L/14-336, layer -2, mlp2x_gelu, these pinpoints."""
+    spec = get_preset(name)
+    assert spec.vision.name == "openai/clip-vit-large-patch14-336" and spec.vision.feature_layer == -2
+    assert spec.vision.select_strategy == "default" and spec.projector == "mlp2x_gelu"
+    assert spec.language.name == llm
+    assert spec.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert get_preset("llava-1.5-7b").image_grid_pinpoints is None
+
+
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("tiny")))
 def test_tiny_presets_build_offline_and_small(name):
     # Build time (< 2 s) is reported by `make bench`, not asserted here.

@@ -53,3 +53,20 @@ def test_block_checkpointing_turns_on_only_for_trained_components(model):
     assert not model.language_model.is_gradient_checkpointing  # frozen: nothing to recompute
     stages.apply_stage(model, "finetune", gradient_checkpointing=True)
     assert model.language_model.is_gradient_checkpointing
+
+
+def test_anyres_image_newline_trains_with_the_language_model():
+    """LLaVA-NeXT's rule: frozen in stage 1 (projector only), trained in stage 2, full and LoRA; its own
+    AdamW group at the LLM's rate, without weight decay."""
+    from llava_lightning.training.params import param_groups
+
+    model = LlavaModel.from_preset("tiny-next")
+    stages.freeze_for_align(model)
+    assert not model.image_newline.requires_grad
+    for stage in ("finetune", "full", "lora"):
+        stages.apply_stage(model, stage)
+        assert model.image_newline.requires_grad, stage
+    groups = param_groups({"image_newline": (model.image_newline, 0.5)}, weight_decay=0.1)
+    assert groups == [
+        {"name": "image_newline/no_decay", "params": [model.image_newline], "lr": 0.5, "weight_decay": 0.0}
+    ]

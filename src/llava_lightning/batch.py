@@ -52,6 +52,12 @@ class LlavaBatch(TypedDict):
     """`[I]` flat positions (row-major in `[B, T]`) of the image-token ids, in order; I is the image-token count."""
     supervised_positions: NotRequired[torch.Tensor]
     """`[S]` flat positions `b * T + t` whose next token the loss scores (`labels[b, t + 1] != IGNORE_INDEX`)."""
+    image_sizes: NotRequired[torch.Tensor]
+    """Anyres (LLaVA-NeXT): `[num_images, 2]` each image's original (height, width), in the order of its
+    crops in `pixel_values` (then `[num_crops, 3, S, S]`: per image its overview and crops)."""
+    image_feature_index: NotRequired[torch.Tensor]
+    """Anyres: `[I]` the row of the crops' features each image token takes (`anyres.AnyresGeometry.feature_index`,
+    made on the CPU by the collator so that the model reads no `image_sizes` on the host)."""
 
 
 class PromptBatch(TypedDict):

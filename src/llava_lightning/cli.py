@@ -153,7 +153,9 @@ class LlavaCLI(LightningCLI):
         parser.link_arguments(
             "model",
             "data.image_settings",
-            compute_fn=lambda lit: ImageSettings.from_tower(lit.model.vision_tower),
+            compute_fn=lambda lit: ImageSettings.from_tower(
+                lit.model.vision_tower, lit.model.image_grid_pinpoints
+            ),
             apply_on="instantiate",
         )
 

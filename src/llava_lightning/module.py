@@ -241,6 +241,8 @@ class LlavaLitModule(L.LightningModule):
             max_seqlen=batch.get("max_seqlen"),
             image_positions=batch.get("image_positions"),
             supervised_positions=batch.get("supervised_positions"),
+            image_sizes=batch.get("image_sizes"),
+            image_feature_index=batch.get("image_feature_index"),
         )
 
     def _padding_mask(self, batch: LlavaBatch) -> torch.Tensor | None:

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ..anyres import AnyresGeometry
+from .anyres_image import AnyresTransform
 from .captions import CaptionShards, expand_urls, local_path
 from .collate import LlavaCollator
 from .image import ImageTransform, TowerImageSpec
@@ -58,12 +60,25 @@ class ImageSettings:
     std: list[float]
     """Normalization std (RGB)."""
     num_image_tokens: int
-    """Image-token ids per image."""
+    """Image-token ids per image (anyres: per crop, a square grid)."""
+    image_grid_pinpoints: list[list[int]] | None = None
+    """The model's anyres pinpoints (LLaVA-NeXT: each image tiled into crops, its own token count); None:
+    LLaVA-1.5 (`image_aspect` applies)."""
 
     @classmethod
-    def from_tower(cls, tower: TowerDataSpec) -> ImageSettings:
-        """The settings a vision tower reports."""
-        return cls(tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens)
+    def from_tower(
+        cls, tower: TowerDataSpec, image_grid_pinpoints: list[list[int]] | None = None
+    ) -> ImageSettings:
+        """The settings a vision tower reports (and the model's anyres pinpoints, if any)."""
+        pins = [list(map(int, p)) for p in image_grid_pinpoints] if image_grid_pinpoints else None
+        return cls(tower.image_size, list(tower.image_mean), list(tower.image_std), tower.num_tokens, pins)
+
+    def anyres(self) -> AnyresGeometry | None:
+        """The crop geometry the settings describe, or None (LLaVA-1.5)."""
+        if not self.image_grid_pinpoints:
+            return None
+        grid = math.isqrt(self.num_image_tokens)
+        return AnyresGeometry(self.size, grid, self.image_grid_pinpoints)
 
 
 @dataclass
@@ -235,10 +250,15 @@ class LlavaDataModule(L.LightningDataModule):
 
     def connect(self, model: Any) -> None:
         """Take tokenizer, image settings and image-token count from a `LlavaModel`."""
-        self._connect(model.tokenizer, ImageSettings.from_tower(model.vision_tower))
+        pins = getattr(model, "image_grid_pinpoints", None)
+        self._connect(model.tokenizer, ImageSettings.from_tower(model.vision_tower, pins))
 
     def _connect(self, tokenizer: Any, settings: ImageSettings) -> None:
-        transform = ImageTransform(settings.size, settings.mean, settings.std, aspect=self.image_aspect)
+        anyres = settings.anyres()
+        if anyres is not None:  # LLaVA-NeXT crops; image_aspect is LLaVA-1.5's and does not apply
+            transform: Any = AnyresTransform(anyres, settings.mean, settings.std)
+        else:
+            transform = ImageTransform(settings.size, settings.mean, settings.std, aspect=self.image_aspect)
         self.encoder = SampleEncoder(
             template=self.template,
             tokenizer=tokenizer,
@@ -252,6 +272,7 @@ class LlavaDataModule(L.LightningDataModule):
             pad_token_id=tokenizer.pad_token_id,
             pack_tokens=self.pack_tokens,
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+            anyres=anyres,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -359,7 +380,7 @@ class LlavaDataModule(L.LightningDataModule):
             grouping = LengthGrouping.from_counts(
                 index.word_counts(),
                 index.num_images,
-                self.encoder.num_image_tokens,
+                self.encoder.image_tokens_estimate,
                 self.batch_size,
                 self.group_megabatch,
             )

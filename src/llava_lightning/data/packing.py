@@ -66,7 +66,8 @@ def pack_samples(
     samples: list[dict[str, Any]], capacity: int, pad_token_id: int, multiple_of: int | None = None
 ) -> dict[str, Any]:
     """The packed batch keys of `batch.LlavaBatch` (all but `skipped`) for encoded samples
-    (`input_ids`, `labels`, `pixel_values` each): rows of at most `capacity` tokens.
+    (`input_ids`, `labels`, `pixel_values` each; anyres `image_sizes`, kept in the pixels' order):
+    rows of at most `capacity` tokens.
 
     Every row is as wide as the fullest one (rounded up to `multiple_of`, never past `capacity`):
     a batch holding fewer tokens than `capacity` is not padded out to it (with rows of exactly
@@ -81,7 +82,7 @@ def pack_samples(
     mask = torch.zeros(shape, dtype=torch.long)
     positions = torch.zeros(shape, dtype=torch.long)
     segments: list[int] = []  # lengths of the samples and tail paddings, row after row
-    pixels = []
+    pixels, sizes = [], []
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -96,6 +97,8 @@ def pack_samples(
             segments.append(n)
             if len(sample["pixel_values"]):
                 pixels.append(sample["pixel_values"])  # images in the order their tokens appear
+            if "image_sizes" in sample:  # anyres: each image's size, in the same order
+                sizes.append(sample["image_sizes"])
             start = end
         if start < width:
             positions[r, start:] = torch.arange(width - start)
@@ -103,7 +106,9 @@ def pack_samples(
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     if segments:
         cu_seqlens[1:] = torch.tensor(segments).cumsum(0)
+    extra = {"image_sizes": torch.cat(sizes)} if sizes else {}
     return {
+        **extra,
         "input_ids": ids,
         "labels": labels,
         "attention_mask": mask,

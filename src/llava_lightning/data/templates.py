@@ -31,6 +31,8 @@ Generation prompts use the same encoder, so a prompt is token for token the trai
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,13 +145,14 @@ class Template:
         self,
         conversations: list[dict[str, Any]],
         tokenizer: Any,
-        num_image_tokens: int,
+        num_image_tokens: int | Sequence[int],
         max_length: int | None = None,
         num_images: int | None = None,
         add_generation_prompt: bool = False,
     ) -> dict[str, list[int]]:
         """`input_ids` and `labels` (-100 outside assistant replies); each `<image>` becomes
-        `num_image_tokens` image-token ids. Raises `SampleError` for a sample that must be skipped."""
+        `num_image_tokens` image-token ids (a sequence: the i-th `<image>` its i-th entry, anyres images
+        each having their own count). Raises `SampleError` for a sample that must be skipped."""
         segments = self.segments(conversations, add_generation_prompt)
         image_count = sum(s.text.count(IMAGE) for s in segments)
         if num_images is not None and image_count != num_images:
@@ -157,12 +160,21 @@ class Template:
                 "image_count_mismatch",
                 f"the text has {image_count} <image> but the sample has {num_images} images",
             )
+        if isinstance(num_image_tokens, int):
+            counts: Iterator[int] = itertools.repeat(num_image_tokens)
+        else:
+            if len(num_image_tokens) != image_count:
+                raise SampleError(
+                    "image_count_mismatch",
+                    f"the text has {image_count} <image> but {len(num_image_tokens)} image-token counts were given",
+                )
+            counts = iter(num_image_tokens)
         codec = _SegmentCodec.of(tokenizer)
         ids: list[int] = list(codec.bos)
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         started = False  # has any text been tokenized? The first text is a start, as in the whole string.
         for seg in segments:
-            piece = codec.tokenize(seg.text, num_image_tokens, start=seg.start or not started)
+            piece = codec.tokenize(seg.text, counts, start=seg.start or not started)
             started = started or bool(seg.text)
             ids += piece
             labels += piece if seg.supervised else [IGNORE_INDEX] * len(piece)
@@ -208,9 +220,12 @@ class _SegmentCodec:
             codec = cls._cache[id(tokenizer)] = cls(tokenizer)
         return codec
 
-    def tokenize(self, text: str, num_image_tokens: int, start: bool = False) -> list[int]:
+    def tokenize(self, text: str, num_image_tokens: int | Iterator[int], start: bool = False) -> list[int]:
         """`text`'s ids as the start of a text (`start`: the tokenizer's dummy prefix, if any, applies)
-        or as a continuation of one; each `<image>` becomes `num_image_tokens` image ids."""
+        or as a continuation of one; each `<image>` becomes `num_image_tokens` image ids (an iterator:
+        its next value, image after image)."""
+        if isinstance(num_image_tokens, int):
+            num_image_tokens = itertools.repeat(num_image_tokens)
         for placeholder, value in self.specials.items():
             text = text.replace(placeholder, value)
         if start:
@@ -224,7 +239,7 @@ class _SegmentCodec:
         out: list[int] = []
         for i in ids:
             if i == self.image_id:
-                out += [i] * num_image_tokens
+                out += [i] * next(num_image_tokens)
             else:
                 out.append(i)
         return out

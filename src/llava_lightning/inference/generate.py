@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data.anyres_image import AnyresTransform
 from ..data.image import ImageTransform
 from ..data.templates import get_template
 from ..model.generation import generate_ids
@@ -67,6 +68,7 @@ def generate(
     `images[i]` is None, a PIL image or a list of PIL images for prompt i; each image becomes a
     `<image>\\n` line in front of the prompt (LLaVA's layout). The prompt is the template's
     generation prompt (`add_generation_prompt=True`), left-padded with the tokenizer's pad id.
+    Anyres models (`model.anyres`) tile each image (`aspect` does not apply) and give each its own count.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts (need one per prompt)")
@@ -74,14 +76,24 @@ def generate(
         return []
     tokenizer = model.tokenizer
     tmpl = get_template(template)
-    transform = ImageTransform.from_tower(model.vision_tower, aspect)
-    num_tokens = model.vision_tower.num_tokens
+    tower, anyres = model.vision_tower, getattr(model, "anyres", None)
+    if anyres is not None:
+        transform: Any = AnyresTransform(anyres, tower.image_mean, tower.image_std)
+    else:
+        transform = ImageTransform.from_tower(tower, aspect)
 
     encoded: list[list[int]] = []
     pixels: list[torch.Tensor] = []
+    sizes: list[tuple[int, int]] = []
     for entry, prompt in zip(images, prompts):
         imgs = _as_image_list(entry)
         conversation = [{"from": "human", "value": (IMAGE + "\n") * len(imgs) + prompt}]
+        if anyres is not None:
+            image_sizes = [transform.image_size(img) for img in imgs]
+            num_tokens: Any = [anyres.num_tokens(h, w) for h, w in image_sizes]
+            sizes += image_sizes
+        else:
+            num_tokens = tower.num_tokens
         enc = tmpl.encode(
             conversation, tokenizer, num_tokens, num_images=len(imgs), add_generation_prompt=True
         )
@@ -99,7 +111,10 @@ def generate(
         if e:
             input_ids[i, length - len(e) :] = torch.tensor(e, dtype=torch.long)
             attention_mask[i, length - len(e) :] = 1
-    pixel_values = torch.stack(pixels) if pixels else None
+    if not pixels:
+        pixel_values = None
+    else:  # anyres: each image several crops
+        pixel_values = torch.cat(pixels) if anyres is not None else torch.stack(pixels)
 
     out = generate_ids(
         model,
@@ -113,6 +128,7 @@ def generate(
         use_cache=use_cache,
         generator=generator,
         pad_token_id=pad,
+        image_sizes=torch.tensor(sizes, dtype=torch.long) if anyres is not None and sizes else None,
     )
     texts = []
     eos_set = set(eos)

@@ -89,6 +89,7 @@ def generate_ids(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens `[B, n]` (`n <= max_new_tokens`) for LEFT-padded prompts `input_ids [B, T]`.
 
@@ -96,7 +97,8 @@ def generate_ids(
     first EOS id). Generation stops when every row has produced an EOS or after `max_new_tokens`.
     `eos_token_ids` defaults to the tokenizer's EOS. Greedy when `temperature == 0`, else sampling
     from `softmax(logits / temperature)` restricted to the top-p mass, drawn with `generator`.
-    `pixel_values` hold the images in order (sample 0's first), as for `LlavaModel.forward`.
+    `pixel_values` hold the images in order (sample 0's first), as for `LlavaModel.forward`; anyres models
+    take their `image_sizes` too.
     The model runs in eval mode under `torch.no_grad()`; its previous mode is restored afterwards.
     """
     if input_ids.dim() != 2:
@@ -162,6 +164,7 @@ def generate_ids(
                         ids,
                         attention_mask=mask,
                         pixel_values=pixel_values,
+                        image_sizes=image_sizes,
                         position_ids=positions,
                         use_cache=use_cache,
                         **extra,

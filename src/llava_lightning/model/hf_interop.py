@@ -27,6 +27,9 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     head = [n for n, m in lm.named_children() if m is lm.get_output_embeddings()]
     out = {}
     for key, value in model.state_dict().items():
+        if key == "image_newline":  # anyres (llava-next, hf_interop_next.py): same place in transformers
+            out["model.image_newline"] = value
+            continue
         part, rest = key.split(".", 1)
         if part in ("vision_tower", "multi_modal_projector"):
             out[f"model.{key}"] = value

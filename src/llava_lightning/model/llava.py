@@ -4,12 +4,19 @@ Module names follow transformers' Llava (`vision_tower`, `multi_modal_projector`
 `input_ids` already hold one image-token id per image feature vector (the data pipeline expands
 each `<image>`), exactly as transformers' processor does; images are consumed in order: sample 0's
 images first, left to right, then sample 1's, and so on. Text-only samples simply hold no image ids.
+
+With `image_grid_pinpoints` (LLaVA-NeXT "anyres", as transformers' `LlavaNextForConditionalGeneration`)
+each image is several tower inputs (an overview and a grid of crops, `pixel_values` of all images' crops
+in order) and `image_sizes` `[num_images, 2]` (height, width) give each image's layout: its overview's
+features, then its crops' features unpadded to the image's aspect with the `image_newline` vector after
+each row (`anyres.AnyresGeometry.feature_index`, shared with the data side's token count).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..anyres import AnyresGeometry
 from ..batch import flat_positions, supervised_positions
 from .language_model import build_language_model, decoder_block_class
 from .linear_ce import CE_CHUNK_ROWS, linear_cross_entropy
@@ -72,6 +80,7 @@ class LlavaModel(nn.Module):
         tokenizer: Any,
         image_token_id: int,
         projector: str = "mlp2x_gelu",
+        image_grid_pinpoints: list[list[int]] | None = None,
     ):
         super().__init__()
         self.vision_tower = vision_tower
@@ -84,6 +93,26 @@ class LlavaModel(nn.Module):
         self.tower_on_text_only = False
         """Run tower + projector (on a blank image, adding zero) for image-less batches outside training
         too: set under sharding strategies, whose ranks must run the same modules (`LlavaLitModule.setup`)."""
+        self.image_grid_pinpoints = (
+            [list(map(int, p)) for p in image_grid_pinpoints] if image_grid_pinpoints else None
+        )
+        self.anyres: AnyresGeometry | None = None
+        """The crop geometry of LLaVA-NeXT anyres (None: LLaVA-1.5, one tower input per image)."""
+        self.image_newline: nn.Parameter | None = None
+        """Anyres: the vector after each row of an image's crop features (transformers' `image_newline`)."""
+        if self.image_grid_pinpoints:
+            grid = math.isqrt(vision_tower.num_tokens)
+            if grid * grid != vision_tower.num_tokens:
+                raise ValueError(
+                    f"image_grid_pinpoints (anyres) needs a square grid of patch features per crop; this tower "
+                    f"gives {vision_tower.num_tokens} tokens per image: use select_strategy 'default' (CLS dropped)"
+                )
+            self.anyres = AnyresGeometry(vision_tower.image_size, grid, self.image_grid_pinpoints)
+            embeddings = language_model.get_input_embeddings().weight
+            # transformers' init: randn(hidden) / sqrt(hidden), in the embeddings' dtype.
+            self.image_newline = nn.Parameter(
+                torch.randn(hidden, dtype=embeddings.dtype, device=embeddings.device) / math.sqrt(hidden)
+            )
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -95,7 +124,7 @@ class LlavaModel(nn.Module):
         """
         tower = build_vision_tower(spec.vision, load_weights)
         lm, tokenizer, image_token_id = build_language_model(spec.language, load_weights)
-        return cls(tower, lm, tokenizer, image_token_id, spec.projector)
+        return cls(tower, lm, tokenizer, image_token_id, spec.projector, spec.image_grid_pinpoints)
 
     @classmethod
     def from_preset(cls, name: str) -> LlavaModel:
@@ -106,20 +135,28 @@ class LlavaModel(nn.Module):
 
     @classmethod
     def from_hf(cls, path: str | Path, **kwargs) -> LlavaModel:
-        """Load a llava-hf checkpoint (folder or hub name), e.g. `llava-hf/llava-1.5-7b-hf`; keyword arguments
+        """Load a llava-hf checkpoint (folder or hub name), e.g. `llava-hf/llava-1.5-7b-hf`, or a llava-next
+        one (`llava-hf/llava-v1.6-vicuna-7b-hf`; dispatched on the config's `model_type`); keyword arguments
         as `hf_interop.load_hf` (`trust_remote_code`, `load_weights`, `attn_implementation`)."""
+        from .hf_interop_next import is_llava_next
+
+        if is_llava_next(str(path), kwargs.get("trust_remote_code", False)):
+            from .hf_interop_next import load_hf_next
+
+            return load_hf_next(cls, str(path), **kwargs)
         from .hf_interop import load_hf
 
         return load_hf(cls, str(path), **kwargs)
 
     def save_hf(self, path: str | Path, template: str | None = None, image_aspect: str | None = None) -> None:
-        """Write a folder that `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` load; with
-        `template` / `image_aspect`, also the training settings `--model.pretrained` reads back
-        (`pretrained.SETTINGS_FILE`)."""
+        """Write a folder that `LlavaForConditionalGeneration` (anyres: `LlavaNextForConditionalGeneration`)
+        and `AutoProcessor.from_pretrained` load; with `template` / `image_aspect`, also the training
+        settings `--model.pretrained` reads back (`pretrained.SETTINGS_FILE`)."""
         from .hf_interop import save_hf
+        from .hf_interop_next import save_hf_next
         from .pretrained import write_settings
 
-        save_hf(self, Path(path))
+        (save_hf_next if self.anyres is not None else save_hf)(self, Path(path))
         if template is not None or image_aspect is not None:
             write_settings(path, template, image_aspect)
 
@@ -140,12 +177,58 @@ class LlavaModel(nn.Module):
         }
 
     # ----------------------------------------------------------------------------- forward
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features `[num_images, num_tokens, hidden]`.
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        image_feature_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected image features `[num_images, num_tokens, hidden]`; anyres: `[num_image_tokens, hidden]`,
+        every image's tokens in order (`pack_image_features`).
 
         `pixel_values` are normalised floats, or uint8 `[N, 3, S, S]` straight from the data loader
         (4x less to move between processes); uint8 is normalised here, on the model's device.
         """
+        if self.anyres is None:
+            return self.tower_features(pixel_values)
+        if pixel_values.dim() == 5:  # transformers' layout: [images, max crops, 3, S, S], zero-padded
+            if image_sizes is None:
+                raise ValueError("anyres pixel_values [images, crops, 3, S, S] need image_sizes")
+            counts = [self.anyres.num_crops(h, w) for h, w in image_sizes.tolist()]
+            pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, counts)])
+        features = self.tower_features(pixel_values)
+        return self.pack_image_features(features, image_sizes, image_feature_index)
+
+    def pack_image_features(
+        self,
+        features: torch.Tensor,
+        image_sizes: torch.Tensor | None,
+        image_feature_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Anyres: the crops' projected features `[num_crops, grid^2, hidden]` -> `[num_image_tokens, hidden]`
+        (each image: overview, unpadded crop rows each followed by `image_newline`), gathered by index.
+
+        `image_feature_index` (the collator's `anyres.feature_index`, made on the CPU) spares reading
+        `image_sizes` on the host (a sync); without it the index is made here from `image_sizes`."""
+        if image_feature_index is None:
+            if image_sizes is None:
+                raise ValueError(
+                    "anyres (image_grid_pinpoints) needs image_sizes [num_images, 2] (height, width) with pixel_values"
+                )
+            sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else list(image_sizes)
+            crops = sum(self.anyres.num_crops(h, w) for h, w in sizes)
+            if crops != features.shape[0]:
+                raise ValueError(
+                    f"pixel_values hold {features.shape[0]} crops but image_sizes {sizes} make {crops} "
+                    "(each image: its overview and crop grid, anyres.AnyresGeometry.num_crops)"
+                )
+            image_feature_index = self.anyres.feature_index(sizes)
+        flat = features.reshape(-1, features.shape[-1])
+        rows = torch.cat([flat, self.image_newline[None].to(flat.dtype)])
+        return rows.index_select(0, image_feature_index.to(rows.device))
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features of each tower input, `[N, num_tokens, hidden]`."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.normalize_pixels(pixel_values)
         tower = self.vision_tower
@@ -174,12 +257,15 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         image_positions: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_feature_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings with image features scattered over the image-token positions.
 
         `vision_features` (the tower's output, e.g. computed without a graph for a frozen tower)
         replace `pixel_values`; the projector runs on them here. `image_positions` (the collator's
         flat positions of the image-token ids) spare the host-device sync of finding them here.
+        Anyres: `image_sizes` / `image_feature_index` as for `pack_image_features`.
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
         if image_positions is None:
@@ -187,6 +273,8 @@ class LlavaModel(nn.Module):
         n_tokens = image_positions.numel()  # a shape: known on the host without a sync
         if vision_features is not None:
             features = self.project(vision_features)
+            if self.anyres is not None:
+                features = self.pack_image_features(features, image_sizes, image_feature_index)
         elif pixel_values is None or pixel_values.shape[0] == 0:
             if n_tokens:
                 raise ValueError(
@@ -202,15 +290,22 @@ class LlavaModel(nn.Module):
             # trainable parameter), as LLaVA does.
             size = self.vision_tower.image_size
             blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=input_ids.device)
-            return embeds + self.get_image_features(blank).sum().to(embeds.dtype) * 0.0
+            zero = self.tower_features(blank).sum()
+            if self.image_newline is not None:
+                zero = zero + self.image_newline.sum()
+            return embeds + zero.to(embeds.dtype) * 0.0
         else:
-            features = self.get_image_features(pixel_values)
-        n_features = features.shape[0] * features.shape[1]
+            features = self.get_image_features(pixel_values, image_sizes, image_feature_index)
+        if features.dim() == 2:  # anyres: each image its own count
+            n_features = features.shape[0]
+            what = "anyres image_sizes give"
+        else:
+            n_features = features.shape[0] * features.shape[1]
+            what = f"{features.shape[0]} images x {features.shape[1]} tokens"
         if n_tokens != n_features:
             raise ValueError(
                 f"Image features and image tokens do not match: {n_tokens} image tokens in input_ids, "
-                f"{n_features} image feature vectors ({features.shape[0]} images x {features.shape[1]} "
-                "tokens); each image needs exactly that many image-token ids"
+                f"{n_features} image feature vectors ({what}); each image needs exactly that many image-token ids"
             )
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         # index_copy, not masked_scatter: its backward gathers by index (masked_select would sync).
@@ -229,6 +324,8 @@ class LlavaModel(nn.Module):
         max_seqlen: int | None = None,
         image_positions: torch.Tensor | None = None,
         supervised_positions: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_feature_index: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> LlavaOutput:
         """Loss (mean over tokens with label != -100, next-token shifted) and logits.
@@ -240,9 +337,12 @@ class LlavaModel(nn.Module):
         sample, `attention_mask=None`, and for varlen kernels `cu_seqlens` / `max_seqlen`; no token
         attends across a sample boundary (`packed_attention.py`).
         `image_positions` / `supervised_positions` (`LlavaBatch`'s, from the collator) make the step
-        free of host-device syncs; without them they are computed here.
+        free of host-device syncs; without them they are computed here. Anyres models take `image_sizes`
+        (and the collator's `image_feature_index`) with `pixel_values` (`pack_image_features`).
         """
-        embeds = self.embed(input_ids, pixel_values, vision_features, image_positions)
+        embeds = self.embed(
+            input_ids, pixel_values, vision_features, image_positions, image_sizes, image_feature_index
+        )
         if labels is not None:
             # A loss needs no KV cache; transformers would build one by default, copying every layer's K/V.
             lm_kwargs.setdefault("use_cache", False)

@@ -3,7 +3,7 @@
 Tiny presets build in well under 2 s with no download: random-init configs and a tokenizer
 trained offline (`tiny_tokenizer`). They cover several families so tests exercise each path:
 CLIP + Llama (`tiny`), CLIP + Qwen2 (`tiny-qwen2`), SigLIP + Llama (`tiny-siglip`),
-timm ViT + Llama (`tiny-timm`).
+timm ViT + Llama (`tiny-timm`), and LLaVA-NeXT anyres on CLIP + Llama (`tiny-next`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ TINY_QWEN2 = {
     "eos_token_id": 2,
 }
 
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+"""LLaVA-NeXT's `image_grid_pinpoints` (height, width) for its 336 px CLIP tower (llava-hf's configs)."""
+TINY_NEXT_PINPOINTS = ((96, 192), (192, 96), (192, 192))
+"""`tiny-next`'s pinpoints: 1 x 2, 2 x 1 or 2 x 2 crops of the tiny CLIP's 96 px input."""
+
 PRESETS: dict[str, LlavaSpec] = {
     # LLaVA-1.5 (LLaVA's scripts/v1_5): CLIP ViT-L/14-336, layer -2, CLS dropped, mlp2x_gelu, Vicuna v1.5.
     "llava-1.5-7b": LlavaSpec(
@@ -69,6 +74,23 @@ PRESETS: dict[str, LlavaSpec] = {
         ),
         projector="mlp2x_gelu",
         language=LanguageSpec(name="lmsys/vicuna-13b-v1.5", use_fast_tokenizer=False),
+    ),
+    # LLaVA-NeXT (LLaVA-1.6, llava-hf/llava-v1.6-*-hf): LLaVA-1.5's parts plus anyres at these pinpoints.
+    "llava-next-7b": LlavaSpec(
+        vision=VisionSpec(
+            name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"
+        ),
+        projector="mlp2x_gelu",
+        language=LanguageSpec(name="lmsys/vicuna-7b-v1.5", use_fast_tokenizer=False),
+        image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+    ),
+    "llava-next-mistral-7b": LlavaSpec(
+        vision=VisionSpec(
+            name="openai/clip-vit-large-patch14-336", feature_layer=-2, select_strategy="default"
+        ),
+        projector="mlp2x_gelu",
+        language=LanguageSpec(name="mistralai/Mistral-7B-Instruct-v0.2"),
+        image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
     ),
     "tiny": LlavaSpec(
         vision=VisionSpec(name="tiny-clip", config=TINY_CLIP),
@@ -89,6 +111,13 @@ PRESETS: dict[str, LlavaSpec] = {
         vision=VisionSpec(name="vit_tiny_patch16_224", library="timm", config=TINY_TIMM),
         projector="mlp2x_gelu",
         language=LanguageSpec(name="tiny-llama", config=TINY_LLAMA, tokenizer="tiny:llama"),
+    ),
+    # Anyres on the tiny parts: 96 px crops (3 x 3 tokens each), at most 2 x 2 crops + the overview.
+    "tiny-next": LlavaSpec(
+        vision=VisionSpec(name="tiny-clip", config=TINY_CLIP),
+        projector="mlp2x_gelu",
+        language=LanguageSpec(name="tiny-llama", config=TINY_LLAMA, tokenizer="tiny:llama"),
+        image_grid_pinpoints=[list(p) for p in TINY_NEXT_PINPOINTS],
     ),
 }
 

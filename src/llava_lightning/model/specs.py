@@ -71,3 +71,7 @@ class LlavaSpec:
     """`linear`, `mlp{N}x_gelu` (N >= 2) or `identity`."""
     language: LanguageSpec = field(default_factory=LanguageSpec)
     """The language model and its tokenizer."""
+    image_grid_pinpoints: list[list[int]] | None = None
+    """LLaVA-NeXT "anyres": candidate resolutions `[[height, width], ...]` (multiples of the tower's input
+    size) each image is tiled into, plus an overview and an `image_newline` per feature row (`anyres.py`);
+    None: LLaVA-1.5, one tower input and a fixed token count per image."""

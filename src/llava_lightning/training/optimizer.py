@@ -19,14 +19,14 @@ from .settings import OptimConfig
 def configure_optimizers(model: LlavaModel, optim: OptimConfig, trainer: Any, stage: str) -> dict[str, Any]:
     """`LightningModule.configure_optimizers` for `model` under `trainer`."""
     o = optim
-    groups = param_groups(
-        {
-            "multi_modal_projector": (model.multi_modal_projector, o.projector_lr or o.lr),
-            "vision_tower": (model.vision_tower, o.vision_lr or o.lr),
-            "language_model": (model.language_model, o.lr),
-        },
-        o.weight_decay,
-    )
+    components = {
+        "multi_modal_projector": (model.multi_modal_projector, o.projector_lr or o.lr),
+        "vision_tower": (model.vision_tower, o.vision_lr or o.lr),
+        "language_model": (model.language_model, o.lr),
+    }
+    if getattr(model, "image_newline", None) is not None:  # anyres: a root parameter, at the LLM's rate
+        components["image_newline"] = (model.image_newline, o.lr)
+    groups = param_groups(components, o.weight_decay)
     if not groups:
         raise ValueError(f"stage {stage!r} leaves nothing to train")
     # A strategy may need its own optimizer class (DeepSpeed's CPU AdamW when it offloads the optimizer).

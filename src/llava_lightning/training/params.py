@@ -33,12 +33,16 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
-def param_groups(components: dict[str, tuple[nn.Module, float]], weight_decay: float) -> list[dict]:
-    """AdamW groups: per component (module, lr), split into decay / no-decay; frozen parameters left out."""
+def param_groups(
+    components: dict[str, tuple[nn.Module | nn.Parameter, float]], weight_decay: float
+) -> list[dict]:
+    """AdamW groups: per component (module or lone parameter, lr), split into decay / no-decay; frozen
+    parameters left out."""
     groups = []
     for name, (module, lr) in components.items():
         decay, no_decay = [], []
-        for pname, p in module.named_parameters():
+        named = module.named_parameters() if isinstance(module, nn.Module) else [(name, module)]
+        for pname, p in named:
             if p.requires_grad:
                 (no_decay if _no_decay(pname, p) else decay).append(p)
         if decay:

@@ -72,10 +72,18 @@ def freeze_for_align(model: LlavaModel) -> None:
 
 
 def freeze_for_finetune(model: LlavaModel) -> None:
-    """Stage 2: projector and LLM train; the vision tower is frozen."""
+    """Stage 2: projector and LLM train (and anyres' `image_newline`); the vision tower is frozen."""
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     model.language_model.requires_grad_(True)
+    train_image_newline(model)
+
+
+def train_image_newline(model: LlavaModel) -> None:
+    """Anyres: `image_newline` trains whenever the LLM does (LLaVA-NeXT's rule: not in stage 1, where only
+    the projector trains; with `mm_language_model` in stage 2)."""
+    if getattr(model, "image_newline", None) is not None:
+        model.image_newline.requires_grad_(True)
 
 
 def freeze_for_full(model: LlavaModel) -> None:
@@ -102,6 +110,7 @@ def freeze_for_lora(model: LlavaModel, lora: LoraConfig) -> None:
     if not hasattr(model.language_model, "peft_config"):
         model.language_model = get_peft_model(model.language_model, cfg)
     model.multi_modal_projector.requires_grad_(True)
+    train_image_newline(model)
 
 
 def freeze_for_qlora(model: LlavaModel, lora: LoraConfig, qlora: QLoraConfig) -> None:

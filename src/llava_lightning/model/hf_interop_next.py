@@ -1,0 +1,183 @@
+"""Export to and import from transformers' llava-next format (`LlavaNextForConditionalGeneration` +
+`LlavaNextProcessor`): LLaVA-1.5's layout (`hf_interop.py`) plus `model.image_newline` and the
+config's `image_grid_pinpoints`.
+
+Key map (ours -> transformers): as `hf_interop.to_hf_state_dict`, and `image_newline` ->
+`model.image_newline`. Export builds the HF model on the meta device and assigns our tensors; import
+reuses the loaded HF modules directly. The processor written beside the weights
+(`LlavaNextImageProcessor` with the tower's size, mean and std and the pinpoints) reproduces
+`data.anyres_image.AnyresTransform`'s pixels and the data's image-token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .hf_interop import _check_exportable, build_hf_config, to_hf_state_dict
+from .packed_attention import VARLEN, register_varlen_attention
+from .vision_hf import HFVisionTower
+
+log = logging.getLogger(__name__)
+
+
+def is_llava_next(path: str, trust_remote_code: bool = False) -> bool:
+    """True when the checkpoint at `path` (folder or hub name) is a llava-next one (`model_type`)."""
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            return json.load(f).get("model_type") == "llava_next"
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type == "llava_next"
+
+
+def build_hf_next_config(model):
+    """The `LlavaNextConfig` describing anyres `model`."""
+    from transformers import LlavaNextConfig
+
+    fields = build_hf_config(model).to_dict()
+    keep = (
+        "image_token_index",
+        "projector_hidden_act",
+        "vision_feature_select_strategy",
+        "vision_feature_layer",
+        "image_seq_length",
+        "multimodal_projector_bias",
+        "tie_word_embeddings",
+    )
+    return LlavaNextConfig(
+        vision_config=model.vision_tower.config.to_dict(),
+        text_config=model.language_model.config.to_dict(),
+        image_grid_pinpoints=[list(p) for p in model.image_grid_pinpoints],
+        **{k: fields[k] for k in keep},
+    )
+
+
+def build_hf_next_processor(model):
+    """A `LlavaNextProcessor` whose image processor and token counts reproduce our anyres data."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    tower = model.vision_tower
+    tile = tower.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in model.image_grid_pinpoints],
+        image_mean=list(tower.image_mean),
+        image_std=list(tower.image_std),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=int(tower.config.patch_size),
+        vision_feature_select_strategy=build_hf_config(model).vision_feature_select_strategy,
+        num_additional_image_tokens=tower.num_prefix_tokens,
+        image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+    )
+
+
+def save_hf_next(model, path: Path) -> None:
+    """Write anyres `model` as a llava-next folder (config, safetensors weights, processor, tokenizer)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    _check_exportable(model)
+    config = build_hf_next_config(model)
+    with torch.device("meta"):
+        hf = LlavaNextForConditionalGeneration(config)
+    state = to_hf_state_dict(model)
+    expected = set(hf.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"save_hf: key mismatch, missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    hf.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(path))
+    build_hf_next_processor(model).save_pretrained(str(path))
+    log.info("wrote llava-next folder %s", path)
+
+
+def load_hf_next(
+    cls,
+    path: str,
+    trust_remote_code: bool = False,
+    load_weights: bool = True,
+    attn_implementation: str | None = None,
+):
+    """Build our `cls` (LlavaModel, anyres) from a llava-next folder or hub name, reusing the loaded modules;
+    arguments as `hf_interop.load_hf` (whose steps this mirrors, plus the pinpoints and `image_newline`)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaNextForConditionalGeneration,
+    )
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if cfg.model_type != "llava_next":
+        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a llava-next checkpoint")
+    if not cfg.multimodal_projector_bias or cfg.projector_hidden_act != "gelu":
+        raise ValueError(
+            f"{path}: projector without bias or with {cfg.projector_hidden_act!r} activation is not supported "
+            "(llava_lightning's mlp2x_gelu has biases and exact GELU)"
+        )
+    if load_weights:
+        hf = LlavaNextForConditionalGeneration.from_pretrained(
+            path, config=cfg, trust_remote_code=trust_remote_code
+        )
+    else:
+        hf = LlavaNextForConditionalGeneration(cfg)
+    cfg = hf.config
+    pinpoints = [list(map(int, p)) for p in cfg.image_grid_pinpoints]
+    mean = std = None
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        theirs = [list(p) for p in getattr(processor, "image_grid_pinpoints", None) or []]
+        if theirs and theirs != pinpoints:
+            log.warning(
+                "%s: the image processor's pinpoints %s differ from the model config's %s; using the config's",
+                path,
+                theirs,
+                pinpoints,
+            )
+    except (OSError, ValueError):
+        log.warning("%s has no image processor; using the vision tower's default normalisation", path)
+    tower = HFVisionTower(
+        hf.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, mean, std
+    )
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    setattr(lm, lm.base_model_prefix, hf.model.language_model)
+    lm.set_output_embeddings(hf.lm_head)
+    if cfg.tie_word_embeddings:
+        lm.tie_weights()
+    owned = {id(t) for t in [*hf.model.language_model.parameters(), *hf.model.language_model.buffers()]}
+    owned |= {id(t) for t in hf.lm_head.parameters()}
+    stray = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if id(t) not in owned]
+    if stray:
+        raise RuntimeError(f"{type(lm).__name__} has parts outside its base model and head: {stray[:5]}")
+    if attn_implementation is not None:
+        if attn_implementation == VARLEN:
+            register_varlen_attention()
+        lm.set_attn_implementation(attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu", pinpoints)
+    # The loaded parameters themselves (assign), not copies (DeepSpeed zero.Init partitions, as in load_hf).
+    projector = hf.model.multi_modal_projector.state_dict(keep_vars=True)
+    model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
+    model.image_newline = hf.model.image_newline
+    return model
