@@ -124,15 +124,17 @@ def quiet_trainer(tmp_path, **kw):
     return L.Trainer(**{**settings, **kw})
 
 
-def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
-    """Run `target(rank, world, port, *args)` in `world` forked processes (`port`: a free localhost
+def run_ranks(target, *args, world: int = 2, timeout: float = 120.0, start: str = "fork") -> None:
+    """Run `target(rank, world, port, *args)` in `world` processes (forked, or `start="spawn"`; `port`: a free localhost
     port for their process group) and wait for them; a rank still running after `timeout` s is killed.
     Fails unless every rank exited with 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(rank, world, port, *args)) for rank in range(world)]
+    ctx = multiprocessing.get_context(start)
+    procs = [
+        ctx.Process(target=_one_thread, args=(target, rank, world, port, *args)) for rank in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -142,6 +144,13 @@ def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
         p.kill()
         p.join()
     assert not hung and [p.exitcode for p in procs] == [0] * world, "a rank hung or failed"
+
+
+def _one_thread(target, *args) -> None:
+    """A forked rank on one intra-op thread: OpenMP's pool does not survive fork, so a child of a parent
+    that already ran parallel kernels hangs in its first parallel region (e.g. DDP's parameter broadcast)."""
+    torch.set_num_threads(1)
+    target(*args)
 
 
 def write_transformers_llava(folder: Path, seed: int = 0, family: str = "llama") -> Path:

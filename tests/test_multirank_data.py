@@ -380,7 +380,8 @@ def _anyres_rank_main(rank, world, port, root, pack_tokens):
 def test_two_gloo_ranks_train_anyres_samples_in_step_with_text_only_batches(tmp_path, pack_tokens):
     records = [{"id": str(i), "conversations": []} for i in range(8)]
     (tmp_path / "records.json").write_text(json.dumps(records))
-    run_ranks(_anyres_rank_main, tmp_path, pack_tokens, timeout=300)
+    # spawn, not fork: the ranks run backward, which autograd refuses in a child forked after the parent did.
+    run_ranks(_anyres_rank_main, tmp_path, pack_tokens, timeout=300, start="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(8))  # each sample once
     assert len(ranks[0]["had_images"]) == len(ranks[1]["had_images"]) == 2
