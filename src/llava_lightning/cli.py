@@ -1,4 +1,4 @@
-"""Command line: `python -m llava_lightning {fit,validate,test,predict,export}`.
+"""Command line: `python -m llava_lightning {fit,validate,test,predict,export,chat,serve,evaluate,score}`.
 
 `fit/validate/test/predict` are LightningCLI with `parser_mode="omegaconf+"` (several `-c` files
 overlay left to right; a file may start from another with `_base_:` (config_base.py); `${...}` is
@@ -208,12 +208,26 @@ def export(argv: list[str]) -> None:
     print(f"llava-hf folder written to {args.out}")  # noqa: T201 (CLI output)
 
 
+# Subcommands beside LightningCLI's fit / validate / test / predict: name -> "module:function", each
+# function taking the arguments after the name (imported only when run).
+COMMANDS = {
+    "export": "llava_lightning.cli:export",
+    "chat": "llava_lightning.inference.chat_cli:main",
+    "serve": "llava_lightning.serve.server:main",
+    "evaluate": "llava_lightning.eval.evaluate:main",
+    "score": "llava_lightning.eval.score:main",
+}
+
+
 def main(argv: list[str] | None = None) -> LlavaCLI | None:
     """Run a subcommand; returns the CLI (its `trainer.callback_metrics` hold the run's last metrics)."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv[:1] == ["export"]:
-        export(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        import importlib
+
+        module, function = COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
         return None
     return LlavaCLI(
         LlavaLitModule,
