@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,6 +90,7 @@ def generate_ids(
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
     image_sizes: torch.Tensor | None = None,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
     """New tokens `[B, n]` (`n <= max_new_tokens`) for LEFT-padded prompts `input_ids [B, T]`.
 
@@ -98,7 +99,8 @@ def generate_ids(
     `eos_token_ids` defaults to the tokenizer's EOS. Greedy when `temperature == 0`, else sampling
     from `softmax(logits / temperature)` restricted to the top-p mass, drawn with `generator`.
     `pixel_values` hold the images in order (sample 0's first), as for `LlavaModel.forward`; anyres models
-    take their `image_sizes` too.
+    take their `image_sizes` too. `on_token(tokens [B])` is called after each step (streaming); returning
+    True stops generation there.
     The model runs in eval mode under `torch.no_grad()`; its previous mode is restored afterwards.
     """
     if input_ids.dim() != 2:
@@ -192,7 +194,8 @@ def generate_ids(
                 new_tokens.append(token)
                 if eos_list:
                     done = done | torch.isin(token, eos_tensor)
-                if bool(done.all()) or step == max_new_tokens - 1:
+                stop = on_token is not None and bool(on_token(token))
+                if stop or bool(done.all()) or step == max_new_tokens - 1:
                     break
                 ids = torch.cat([ids, token[:, None]], dim=1)
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
