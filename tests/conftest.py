@@ -92,6 +92,29 @@ def shapes_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_stage2_ckpt(shapes_dir, tmp_path_factory):
+    """A `last.ckpt` of a 3-step CLI stage-2 fit of `tiny` (template vicuna_v1, image_aspect pad)."""
+    import glob
+
+    from llava_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("stage2")
+    (root / "data").mkdir()
+    os.symlink(shapes_dir, root / "data" / "shapes")
+    here = os.getcwd()
+    os.chdir(root)  # tiny.yaml names data/shapes relative to the working directory
+    try:
+        main(["fit", "-c", str(REPO / "conf" / "stage2.yaml"), "-c", str(REPO / "conf" / "tiny.yaml"),
+              "--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
+              "--trainer.limit_val_batches=0", f"--trainer.logger.init_args.save_dir={root}/runs",
+              "--trainer.logger.init_args.name=s2"])  # fmt: skip
+    finally:
+        os.chdir(here)
+    (ckpt,) = glob.glob(f"{root}/runs/s2/version_0/checkpoints/last.ckpt")
+    return Path(ckpt)
+
+
 def trainer_for_strategy_yaml(name: str):
     """The Trainer the CLI builds for `stage2.yaml + tiny.yaml + strategy/NAME` (nothing runs)."""
     from llava_lightning.cli import LlavaCLI

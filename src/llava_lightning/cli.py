@@ -44,6 +44,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from . import config_base
+from .data.chat_template import jinja_chat_template
 from .data.datamodule import ImageSettings, LlavaDataModule
 from .module import LlavaLitModule
 from .training.checkpoint_file import callers_trust_remote_code
@@ -204,7 +205,10 @@ def export(argv: list[str]) -> None:
     elif hasattr(model.language_model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model.language_model = model.language_model.merge_and_unload()
     # The template and image aspect ride along, so `--model.pretrained OUT` trains and answers as this run did.
-    model.save_hf(args.out, template=lit.template, image_aspect=lit.image_aspect)
+    # The processor pads as training did and carries the template as a Jinja chat template (engines' prompts).
+    tok = model.tokenizer
+    chat_template = jinja_chat_template(lit.template, tok.bos_token, tok.eos_token)
+    model.save_hf(args.out, template=lit.template, image_aspect=lit.image_aspect, chat_template=chat_template)
     print(f"llava-hf folder written to {args.out}")  # noqa: T201 (CLI output)
 
 

@@ -80,13 +80,25 @@ def build_hf_config(model):
     )
 
 
-def build_hf_processor(model):
-    """A `LlavaProcessor` whose image processor reproduces the tower's input transform."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+def build_hf_processor(model, image_aspect: str | None = None, chat_template: str | None = None):
+    """A `LlavaProcessor` whose image processor reproduces the tower's input transform for `image_aspect`
+    (`pad`: `LlavaImageProcessor` with `do_pad`, which pads to a centred square filled with
+    `int(255 * mean)` before the resize, as `data.image.ImageTransform` does), with `chat_template`."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
 
     tower = model.vision_tower
     size = tower.image_size
-    if tower.config.model_type == "clip_vision_model":
+    if image_aspect == "pad":
+        clip = tower.config.model_type == "clip_vision_model"
+        image_processor = LlavaImageProcessor(
+            do_pad=True,
+            size={"shortest_edge": size} if clip else {"height": size, "width": size},
+            crop_size={"height": size, "width": size},
+            do_center_crop=clip,
+            image_mean=list(tower.image_mean),
+            image_std=list(tower.image_std),
+        )
+    elif tower.config.model_type == "clip_vision_model":
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
@@ -109,11 +121,28 @@ def build_hf_processor(model):
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=tower.num_prefix_tokens,
         image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+        chat_template=chat_template,
     )
 
 
-def save_hf(model, path: Path) -> None:
-    """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer)."""
+def save_processor(processor, path: Path, chat_template: str | None) -> None:
+    """Write `processor` (with its tokenizer) into `path`; the tokenizer carries `chat_template` too, so
+    `AutoTokenizer` users and engines reading the tokenizer's template get the same prompts."""
+    tokenizer = processor.tokenizer
+    before = getattr(tokenizer, "chat_template", None)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    try:
+        processor.save_pretrained(str(path))
+    finally:  # the live model's tokenizer is left as it was
+        tokenizer.chat_template = before
+
+
+def save_hf(
+    model, path: Path, image_aspect: str | None = None, chat_template: str | None = None
+) -> None:
+    """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer): the
+    processor pads to square for `image_aspect="pad"` and carries `chat_template`."""
     from transformers import LlavaForConditionalGeneration
 
     _check_exportable(model)
@@ -135,7 +164,7 @@ def save_hf(model, path: Path) -> None:
         hf.tie_weights()
     path.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(path))
-    build_hf_processor(model).save_pretrained(str(path))
+    save_processor(build_hf_processor(model, image_aspect, chat_template), path, chat_template)
     log.info("wrote llava-hf folder %s", path)
 
 

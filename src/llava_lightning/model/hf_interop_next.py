@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .hf_interop import _check_exportable, build_hf_config, to_hf_state_dict
+from .hf_interop import _check_exportable, build_hf_config, save_processor, to_hf_state_dict
 from .packed_attention import VARLEN, register_varlen_attention
 from .vision_hf import HFVisionTower
 
@@ -58,8 +58,9 @@ def build_hf_next_config(model):
     )
 
 
-def build_hf_next_processor(model):
-    """A `LlavaNextProcessor` whose image processor and token counts reproduce our anyres data."""
+def build_hf_next_processor(model, chat_template: str | None = None):
+    """A `LlavaNextProcessor` whose image processor and token counts reproduce our anyres data, with
+    `chat_template`."""
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     tower = model.vision_tower
@@ -78,11 +79,13 @@ def build_hf_next_processor(model):
         vision_feature_select_strategy=build_hf_config(model).vision_feature_select_strategy,
         num_additional_image_tokens=tower.num_prefix_tokens,
         image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+        chat_template=chat_template,
     )
 
 
-def save_hf_next(model, path: Path) -> None:
-    """Write anyres `model` as a llava-next folder (config, safetensors weights, processor, tokenizer)."""
+def save_hf_next(model, path: Path, chat_template: str | None = None) -> None:
+    """Write anyres `model` as a llava-next folder (config, safetensors weights, processor with
+    `chat_template`, tokenizer)."""
     from transformers import LlavaNextForConditionalGeneration
 
     _check_exportable(model)
@@ -104,7 +107,7 @@ def save_hf_next(model, path: Path) -> None:
         hf.tie_weights()
     path.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(path))
-    build_hf_next_processor(model).save_pretrained(str(path))
+    save_processor(build_hf_next_processor(model, chat_template), path, chat_template)
     log.info("wrote llava-next folder %s", path)
 
 

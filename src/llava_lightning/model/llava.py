@@ -148,15 +148,26 @@ class LlavaModel(nn.Module):
 
         return load_hf(cls, str(path), **kwargs)
 
-    def save_hf(self, path: str | Path, template: str | None = None, image_aspect: str | None = None) -> None:
+    def save_hf(
+        self,
+        path: str | Path,
+        template: str | None = None,
+        image_aspect: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         """Write a folder that `LlavaForConditionalGeneration` (anyres: `LlavaNextForConditionalGeneration`)
         and `AutoProcessor.from_pretrained` load; with `template` / `image_aspect`, also the training
-        settings `--model.pretrained` reads back (`pretrained.SETTINGS_FILE`)."""
+        settings `--model.pretrained` reads back (`pretrained.SETTINGS_FILE`). `image_aspect="pad"` makes
+        the processor pad to square as training did; `chat_template` (the Jinja of `template`:
+        `data.chat_template.jinja_chat_template`, as `export` passes it) goes into processor and tokenizer."""
         from .hf_interop import save_hf
         from .hf_interop_next import save_hf_next
         from .pretrained import write_settings
 
-        (save_hf_next if self.anyres is not None else save_hf)(self, Path(path))
+        if self.anyres is not None:
+            save_hf_next(self, Path(path), chat_template)
+        else:
+            save_hf(self, Path(path), image_aspect, chat_template)
         if template is not None or image_aspect is not None:
             write_settings(path, template, image_aspect)
 
