@@ -78,7 +78,9 @@ def test_the_jinja_template_renders_our_prompt_and_ids(template, tokenizer, conv
     if template == "plain" and conversation != "one image":
         pytest.skip("plain (stage 1) has one image-only turn")
     jinja = jinja_chat_template(template, tok.bos_token, tok.eos_token)
-    rendered = tok.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
+    )
     ours = get_template(template)
     expected = ours.render(_ours(messages), add_generation_prompt=True)
     expected = expected.replace("</s>", tok.eos_token).replace("<s>", tok.bos_token or "")
@@ -104,7 +106,9 @@ def test_the_exported_processor_pads_to_square_as_training_does(tower):
     ours = ImageTransform.from_tower(model.vision_tower, "pad")
     for i, (w, h) in enumerate([(140, 90), (90, 140), (97, 33), (64, 64), (31, 200), (17, 16), (500, 301)]):
         image = _image(i, w, h)
-        raw = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt").pixel_values[0]
+        raw = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt").pixel_values[
+            0
+        ]
         assert torch.equal(raw.round().to(torch.uint8), ours.to_uint8(image)), (w, h)
         theirs = processor(images=image, return_tensors="pt").pixel_values[0]
         torch.testing.assert_close(theirs, ours(image), rtol=0, atol=1e-6)
@@ -135,6 +139,7 @@ def test_transformers_on_the_export_repeats_our_greedy_reply(tiny_stage2_ckpt, t
     first, second = _image(1, 150, 90), _image(2, 60, 110)
     ask = [Message("user", "What shape is this?", [first])]
     turns = [_user("What shape is this?", 1)]
+    reply = ""  # the first turn's, set at the end of step 0
     for step in range(2):
         if step == 1:
             ask += [Message("assistant", reply), Message("user", "And this one?", [second])]
@@ -151,7 +156,11 @@ def test_transformers_on_the_export_repeats_our_greedy_reply(tiny_stage2_ckpt, t
         torch.testing.assert_close(inputs["pixel_values"], prompt.pixel_values, rtol=0, atol=1e-6)
         with torch.no_grad():
             new = theirs.generate(
-                **inputs, do_sample=False, max_new_tokens=8, eos_token_id=ours.image_token_id, min_new_tokens=8
+                **inputs,
+                do_sample=False,
+                max_new_tokens=8,
+                eos_token_id=ours.image_token_id,
+                min_new_tokens=8,
             )
         got = new[0, inputs["input_ids"].shape[1] :].tolist()
         assert got == expected and len(got) == 8

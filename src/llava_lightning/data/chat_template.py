@@ -84,14 +84,11 @@ def jinja_chat_template(name: str, bos_token: str | None, eos_token: str | None)
 
     if isinstance(template, PlainTemplate):
         # Stage 1: the first user turn's images, then the first reply and a newline; nothing else.
-        return (
-            "{%- set ns = namespace(text='', images=0, turn=0, replied=false) -%}"
-            + _loop(
-                "{%- if ns.turn == 0 -%}{{- '<image>' * ns.images -}}{%- endif -%}",
-                "{%- if ns.turn == 1 and not ns.replied -%}{{- ns.text + '\\n' -}}"
-                "{%- set ns.replied = true -%}{%- endif -%}",
-                "",
-            )
+        return "{%- set ns = namespace(text='', images=0, turn=0, replied=false) -%}" + _loop(
+            "{%- if ns.turn == 0 -%}{{- '<image>' * ns.images -}}{%- endif -%}",
+            "{%- if ns.turn == 1 and not ns.replied -%}{{- ns.text + '\\n' -}}"
+            "{%- set ns.replied = true -%}{%- endif -%}",
+            "",
         )
     if isinstance(template, VicunaTemplate):
         return (
@@ -130,8 +127,18 @@ def jinja_chat_template(name: str, bos_token: str | None, eos_token: str | None)
             + _lit(template.end + template.sep)
             + " -}}{%- endif -%}"
             + _loop(
-                "{{- " + _lit(header("user")) + " + " + _QUESTION + " + " + _lit(template.end + template.sep) + " -}}",
-                "{{- " + _lit(header("assistant")) + " + ns.text + " + _lit(template.end + template.sep) + " -}}",
+                "{{- "
+                + _lit(header("user"))
+                + " + "
+                + _QUESTION
+                + " + "
+                + _lit(template.end + template.sep)
+                + " -}}",
+                "{{- "
+                + _lit(header("assistant"))
+                + " + ns.text + "
+                + _lit(template.end + template.sep)
+                + " -}}",
                 header("assistant"),
             )
         )

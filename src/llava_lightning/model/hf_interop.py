@@ -138,9 +138,7 @@ def save_processor(processor, path: Path, chat_template: str | None) -> None:
         tokenizer.chat_template = before
 
 
-def save_hf(
-    model, path: Path, image_aspect: str | None = None, chat_template: str | None = None
-) -> None:
+def save_hf(model, path: Path, image_aspect: str | None = None, chat_template: str | None = None) -> None:
     """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer): the
     processor pads to square for `image_aspect="pad"` and carries `chat_template`."""
     from transformers import LlavaForConditionalGeneration
