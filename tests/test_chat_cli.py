@@ -1,7 +1,7 @@
 """Terminal chat (`inference/chat_cli.py`): the command's transcript equals `stream_reply`'s greedy replies
 for the same conversation (history kept, an image at turn 2, `/reset` forgets), replies reach the output
-piece by piece while they are generated, a bad image is named and the conversation goes on, and a model
-from an exported folder chats in the folder's template."""
+piece by piece while they are generated, a bad image is named and the conversation goes on, Ctrl-C stops
+a reply, and a training checkpoint or an exported folder chats with its own weights and template."""
 
 import io
 import os
@@ -185,3 +185,42 @@ def test_chat_from_an_exported_folder_uses_its_template(tiny, image_path, tmp_pa
     assert captured.out == f"ASSISTANT: {expected}\n"
     # Not merely vicuna_v1's reply: the system prompts differ, and so do the replies here.
     assert expected != _replies(tiny, [[Message("user", "What is this?", [decode_image(image_path)])]])[0]
+
+
+def test_chat_from_a_training_checkpoint(tiny_stage2_ckpt, image_path, monkeypatch, capsys):
+    """`--ckpt_path` (the issue's form): the run's weights, template and image aspect."""
+    from llava_lightning.module import LlavaLitModule
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What shape is this?\nAnd its colour?\n"))
+    main(["--ckpt_path", str(tiny_stage2_ckpt), "--image", str(image_path), *FLAGS])
+    captured = capsys.readouterr()
+    assert "template vicuna_v1, image aspect pad" in captured.err
+    lit = LlavaLitModule.load_from_checkpoint(tiny_stage2_ckpt, map_location="cpu", weights_only=True)
+    model = lit.model.eval()
+    first = [Message("user", "What shape is this?", [decode_image(image_path)])]
+    (r1,) = _replies(model, [first])
+    (r2,) = _replies(model, [[*first, Message("assistant", r1), Message("user", "And its colour?")]])
+    assert captured.out == f"ASSISTANT: {r1}\nASSISTANT: {r2}\n"
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tiny, monkeypatch):
+    """Ctrl-C while a reply streams (here: raised by the output) stops the generation; the unanswered
+    message joins the next one."""
+    forward, calls = tiny.forward, []
+    monkeypatch.setattr(tiny, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    written, notes = [], []
+
+    def write(text):
+        written.append(text)
+        if len(written) == 3:  # "ASSISTANT: ", a piece, then the interrupt
+            raise KeyboardInterrupt
+
+    long = Sampling(max_new_tokens=300, temperature=1.0, seed=0)
+    session = ChatSession(tiny, "vicuna_v1", "pad")
+    run_chat(session, ["Tell me a story."], write, notes.append, long)
+    assert notes == ["[reply stopped; your message joins the next one]"] and written[-1] == "\n"
+    assert len(calls) < 50  # stopped, not run to 300 tokens
+    assert session.messages == [Message("user", "Tell me a story.")]
+    run_chat(session, ["Shorter, please."], lambda _: None, notes.append, GREEDY)
+    assert session.messages[0] == Message("user", "Tell me a story.\nShorter, please.")
+    assert [m.role for m in session.messages] == ["user", "assistant"]

@@ -113,10 +113,11 @@ def run_chat(
         try:
             for piece in reply:
                 write(piece)
+            write("\n")
         except KeyboardInterrupt:
             reply.close()  # stops the generation
+            write("\n")
             note("[reply stopped; your message joins the next one]")
-        write("\n")
 
 
 def _terminal_lines() -> Iterator[str]:
