@@ -92,7 +92,13 @@ def create_app(engine: Engine, images: ImagePolicy | None = None, web: bool = Tr
         )
 
     if web:
-        from .web import mount_web
+        try:
+            from .web import mount_web
+        except ImportError as err:
+            raise ImportError(
+                f"the web chat page needs gradio ({err}): pip install 'llava-lightning[serve]', or serve "
+                "the API alone with --web false"
+            ) from err
 
         app = mount_web(app, engine, images)
     return app

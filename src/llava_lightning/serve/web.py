@@ -44,7 +44,12 @@ def _parts(content: Any) -> tuple[list[str], list[str]]:
 
 
 def _as_messages(history: list[dict], message: dict, images: ImagePolicy) -> list[Message]:
-    turns = [*history, {"role": "user", "content": [*message.get("files", []), message.get("text", "")]}]
+    # The new message's files are bare paths (strings), so they are wrapped to tell them from text.
+    files = [f if isinstance(f, dict) else {"path": f} for f in message.get("files") or []]
+    turns = [
+        *history,
+        {"role": "user", "content": [*files, {"type": "text", "text": message.get("text", "")}]},
+    ]
     messages: list[Message] = []
     for turn in turns:
         role = "user" if turn.get("role") == "user" else "assistant"
