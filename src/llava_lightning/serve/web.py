@@ -8,6 +8,7 @@ limits as the API. The page loads nothing from the internet (system fonts, no an
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,14 @@ def build_page(engine: Engine, images: ImagePolicy) -> gr.ChatInterface:
                 raise ApiError(
                     400, f"at most {engine.limits.max_images} images per conversation", "too_many_images"
                 )
-            sampling = engine.defaults
+            if sum(len(m.text) for m in messages) > engine.limits.max_text_chars:
+                raise ApiError(
+                    400,
+                    f"the conversation holds more than {engine.limits.max_text_chars} characters; clear it",
+                    "too_much_text",
+                )
+            limit = engine.limits.max_tokens
+            sampling = replace(engine.defaults, max_new_tokens=min(engine.defaults.max_new_tokens, limit))
             ticket = engine.admit()
         except ApiError as err:
             raise gr.Error(err.message) from err
