@@ -414,3 +414,28 @@ def test_load_for_inference_wants_exactly_one_source():
     for kwargs in ({}, {"preset": "tiny", "pretrained": "x"}):
         with pytest.raises(ValueError, match="exactly one model source"):
             load_for_inference(**kwargs)
+
+
+def test_finish_reason_is_length_when_max_tokens_ends_the_reply(served):
+    messages = [{"role": "user", "content": "Tell me more."}]
+    reply = served["client"].chat.completions.create(
+        model="tiny", messages=messages, max_tokens=2, temperature=0
+    )
+    full = _greedy(served["model"], [Message("user", "Tell me more.")])
+    assert len(full) > len(reply.choices[0].message.content)  # the greedy reply goes on past 2 tokens
+    assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 2)
+    assert full.startswith(reply.choices[0].message.content)
+
+
+def test_load_for_inference_reads_a_folder_with_its_template_and_aspect(served, tmp_path):
+    from llava_lightning.inference.load import load_for_inference
+
+    served["model"].save_hf(tmp_path / "llava", template="llava_v1", image_aspect="square")
+    model, template, aspect = load_for_inference(pretrained=str(tmp_path / "llava"))
+    assert (template, aspect) == ("llava_v1", "square")
+    image = _image(7)
+    sampling = Sampling(max_new_tokens=MAX_NEW, temperature=0.0)
+    messages = [Message("user", "What?", [image])]
+    assert "".join(stream_reply(model, messages, template, aspect, sampling)) == "".join(
+        stream_reply(served["model"], messages, template, aspect, sampling)
+    )
