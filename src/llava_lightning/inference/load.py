@@ -1,0 +1,74 @@
+"""A model to answer with, from one of three sources: a Lightning checkpoint (`--ckpt_path`), a llava-hf
+folder or hub name (`--pretrained`), or a random-init preset (`--preset`, e.g. `tiny`, for trying the
+tools offline). The terminal chat and the server load through here.
+
+A checkpoint is read with weights only (`training/consolidate.py` joins a sharded one first); remote code
+runs only when the caller passes `trust_remote_code=True` (the command line's `--trust_remote_code`), never
+because a checkpoint or folder asks. The template and image aspect are the caller's when given, else the
+source's (the run's `template` / `image_aspect`, the folder's `pretrained.SETTINGS_FILE`), else defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..model.llava import LlavaModel
+
+log = logging.getLogger(__name__)
+
+
+def load_for_inference(
+    ckpt_path: str | None = None,
+    pretrained: str | None = None,
+    preset: str | None = None,
+    template: str | None = None,
+    image_aspect: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[LlavaModel, str, str]:
+    """`(model in eval mode on device, template, image aspect)` from exactly one of the three sources."""
+    given = [
+        name for name, v in (("ckpt_path", ckpt_path), ("pretrained", pretrained), ("preset", preset)) if v
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one model source: --ckpt_path CKPT (a training checkpoint), --pretrained DIR "
+            "(a llava-hf folder or hub name) or --preset NAME (random init, e.g. tiny)"
+            + (f"; got {', '.join('--' + g for g in given)}" if given else "")
+        )
+    if ckpt_path:
+        from ..module import LlavaLitModule
+        from ..training.consolidate import consolidated
+
+        with consolidated(ckpt_path) as ckpt_file:
+            lit = LlavaLitModule.load_from_checkpoint(
+                ckpt_file, map_location="cpu", weights_only=True, trust_remote_code=trust_remote_code
+            )
+        model = lit.model
+        template, image_aspect = template or lit.template, image_aspect or lit.image_aspect
+    elif pretrained:
+        from ..model.llava import LlavaModel
+        from ..model.pretrained import resolve_settings
+
+        template, image_aspect = resolve_settings(pretrained, template, image_aspect)
+        model = LlavaModel.from_hf(pretrained, trust_remote_code=trust_remote_code)
+    else:
+        from ..model.llava import LlavaModel
+
+        model = LlavaModel.from_preset(str(preset))
+    from ..model.pretrained import DEFAULT_ASPECT, DEFAULT_TEMPLATE
+
+    template, image_aspect = template or DEFAULT_TEMPLATE, image_aspect or DEFAULT_ASPECT
+    model = model.to(device=torch.device(device), dtype=dtype) if dtype else model.to(torch.device(device))
+    log.info(
+        "model from %s: template %s, image aspect %s",
+        ckpt_path or pretrained or preset,
+        template,
+        image_aspect,
+    )
+    return model.eval(), template, image_aspect
