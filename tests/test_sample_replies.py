@@ -165,6 +165,12 @@ def test_the_samples_are_the_first_records_with_an_image_and_a_broken_one_is_ski
     assert [s["prompt"] for s in samples] == ["What colour?"] * 2
     assert [s["reference"] for s in samples] == ["It is red."] * 2
     assert [s["images"][0].size for s in samples] == [(40, 30), (20, 50)]
+    # Every 3rd validation from the 1st, counted across a resume through the callback's state.
+    every = SampleReplies(every_n_val=3)
+    assert [every.due() for _ in range(4)] == [True, False, False, True]
+    resumed = SampleReplies(every_n_val=3)
+    resumed.load_state_dict(every.state_dict())
+    assert [resumed.due() for _ in range(3)] == [False, False, True]
     with pytest.raises(ValueError, match="instruction JSON"):
         SampleReplies(source=SourceConfig(kind="captions", path="x.tar"))
 

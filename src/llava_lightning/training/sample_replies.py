@@ -129,11 +129,19 @@ class SampleReplies(Callback):
             (rank_zero_warn if warn else rank_zero_info)(message)
 
     # ----------------------------------------------------------------------------------- hook
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}  # a resumed run keeps the every_n_val rhythm
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+
+    def due(self) -> bool:
+        """Count a validation; True at the 1st and every `every_n_val`-th after it."""
         self.validations += 1
-        if (self.validations - 1) % self.every_n_val:
+        return (self.validations - 1) % self.every_n_val == 0
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self.due():
             return
         strategy = trainer.strategy
         if isinstance(strategy, FSDPStrategy):
