@@ -77,7 +77,7 @@ def test_load_questions_reads_jsonl_and_conversation_records(tmp_path):
     ("content", "match"),
     [
         (
-            '{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n',
+            '{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "a"}\n',
             r"question_id 1 appears twice",
         ),
         ('{"question_id": 1}\n', r"record 1 needs a 'question_id' and a string 'text'"),
@@ -137,11 +137,15 @@ def test_evaluate_cli_with_a_checkpoint_matches_generate_and_scores(tmp_path, ti
     annotations.write_text("{}")
     seen = {}
 
-    def fake_score(task, answers, annotations):
-        seen.update(task=task, n=len(answers), annotations=str(annotations))
+    def fake_score(task, answers, annotations, **options):
+        seen.update(task=task, n=len(answers), annotations=str(annotations), options=options)
         return {"accuracy": 0.25}
 
-    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", types.SimpleNamespace(score=fake_score))
+    # eval/tasks.py's interface (h-score): POPE takes the question file, as its scorer's `questions`.
+    tasks = {"pope": types.SimpleNamespace(options=("questions", "subset", "strict"))}
+    monkeypatch.setitem(
+        sys.modules, "llava_lightning.eval.tasks", types.SimpleNamespace(score=fake_score, TASKS=tasks)
+    )
     out = tmp_path / "out"
     argv = ["--task", "pope", "--questions", str(path), "--ckpt_path", str(ckpt), "--out", str(out)]
     main([*argv, "--annotations", str(annotations), "--batch_size", "3", "--max_new_tokens", "4"])
@@ -149,7 +153,7 @@ def test_evaluate_cli_with_a_checkpoint_matches_generate_and_scores(tmp_path, ti
     results = json.loads((out / "results.json").read_text())
     assert [a["question_id"] for a in answers] == [0, 1, 2, "text-only"]
     assert {a["model_id"] for a in answers} == {"run-last"}
-    assert seen == {"task": "pope", "n": 4, "annotations": str(annotations)}
+    assert seen == {"task": "pope", "n": 4, "annotations": str(annotations), "options": {"questions": path}}
     assert (
         results["metrics"] == {"accuracy": 0.25}
         and results["task"] == "pope"
@@ -174,7 +178,7 @@ def test_resume_answers_only_the_rest(tmp_path, monkeypatch):
     out.mkdir()
     kept = {
         "question_id": 0,
-        "prompt": "p",
+        "prompt": load_questions(path)[0]["text"],  # an answer is its question's by id and prompt
         "text": "kept",
         "answer_id": "x",
         "model_id": "m",
@@ -241,3 +245,40 @@ def test_model_sources_are_exclusive_and_checked(tmp_path):
         load_model(ckpt_path=str(tmp_path / "nothing.ckpt"))
     with pytest.raises(ValueError, match="unknown task 'vqa3'"):
         main(["--task", "vqa3", "--questions", "q.jsonl", "--preset", "tiny"])
+
+
+def test_scoring_passes_only_the_options_a_task_takes(monkeypatch):
+    calls = []
+    tasks = {
+        "pope": types.SimpleNamespace(options=("questions", "subset", "strict")),
+        "scienceqa": types.SimpleNamespace(options=("split", "subset", "strict")),
+        "textvqa": types.SimpleNamespace(options=("strict",)),
+    }
+    fake = types.SimpleNamespace(TASKS=tasks, score=lambda task, a, ann, **o: calls.append((task, o)) or {})
+    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", fake)
+    evaluate.score("pope", [], "labels", questions_file="q.jsonl", partial=True)
+    evaluate.score("scienceqa", [], "problems.json", questions_file="q.jsonl", split="val")
+    evaluate.score("textvqa", [], "val.json", questions_file="q.jsonl", partial=True)  # warns: no subset
+    assert calls == [
+        ("pope", {"questions": "q.jsonl", "subset": True}),
+        ("scienceqa", {"split": "val"}),
+        ("textvqa", {}),
+    ]
+    with pytest.raises(ValueError, match="task 'textvqa' takes no --split"):
+        evaluate.score("textvqa", [], "val.json", split="val")
+    with pytest.raises(ValueError, match="task 'gqa' needs --annotations"):
+        evaluate.score("gqa", [], None)
+
+
+def test_limited_run_is_scored_as_a_subset(tmp_path, monkeypatch):
+    path = _question_file(tmp_path)
+    seen = {}
+    tasks = {"gqa": types.SimpleNamespace(options=("subset", "strict"))}
+    fake = types.SimpleNamespace(TASKS=tasks, score=lambda task, a, ann, **o: seen.update(o, n=len(a)) or {})
+    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", fake)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: (torch.nn.Linear(1, 1), "vicuna_v1", "pad", "m"))
+    monkeypatch.setattr("llava_lightning.inference.generate.generate", lambda m, i, p, **k: ["x"] * len(p))
+    (tmp_path / "gqa.json").write_text("{}")
+    argv = ["--task", "gqa", "--questions", str(path), "--preset", "tiny", "--device", "cpu"]
+    main([*argv, "--out", str(tmp_path / "o"), "--annotations", str(tmp_path / "gqa.json"), "--limit", "2"])
+    assert seen == {"subset": True, "n": 2}

@@ -3,17 +3,22 @@
 Questions come in LLaVA's evaluation format (`model_vqa_loader.py`): JSON lines of
 `{"question_id", "text", "image" (relative to --image_root; optional), "category" (optional)}`, where
 `text` already holds the benchmark's instruction suffix ("Answer the question using a single word or
-phrase.", as `data_recipes/benchmarks/` write it). A JSON list of LLaVA conversation records (ScienceQA's
-`llava_test_CQM-A.json`, `scienceqa_to_llava.py`'s output, the synthetic shapes eval set) is read too: the
-record's `id` is the question id and its first human turn, without `<image>` lines, the text.
+phrase.", as `data_recipes/benchmarks/to_eval.py` writes it). A JSON list of LLaVA conversation records
+(ScienceQA's `llava_test_CQM-A.json`, `scienceqa_to_llava.py`'s output, the synthetic shapes eval set) is
+read too: the record's `id` is the question id and its first human turn, without `<image>` lines, the
+text. Questions are told apart by id, MMBench's `round_id` and text (an MME image's two questions share
+their id).
 
 Each question becomes `<image>\\n{text}` in the model's conversation template (`generate`: batched, left
 padded, greedy unless `--temperature`); the answers file is LLaVA's: JSON lines of `{"question_id",
 "prompt", "text", "answer_id", "model_id", "metadata"}` (plus `round_id`, `options`, `option_char`,
 `category` when the question has them, as MMBench's answers do). With `--annotations`, the task's
-official metric (`eval/tasks.py`: `score(task, answers, annotations)`) goes into `results.json` with the
-task, model, counts, date and settings. Task `multiple_choice` scores a conversation-record file that
-carries `answer_letter` (the demo's held-out set) without any annotation file.
+official metric (`eval/tasks.py`: `score(task, answers, annotations, **options)`, given the options the
+task takes: the question file as `questions` (POPE, VizWiz), `subset` for a `--limit` or chunked run,
+`--split`) goes into `results.json` with the task, model, counts, date and settings. Task
+`multiple_choice` scores a file whose records carry `answer_letter` (the demo's held-out set, ScienceQA
+as converted) without any annotation file. `evaluate_model` is the whole run on a loaded model: the demo
+calls it too. `evaluate table RESULTS.json ...` prints the paper-style table of several runs (`table.py`).
 
 A question whose image is missing, unreadable or outside `--image_root` is skipped and counted by
 reason (`--strict` stops at the first instead). `--resume` keeps the answers already in the file and
@@ -29,6 +34,7 @@ import datetime
 import json
 import logging
 import math
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,13 +68,19 @@ def question_from_record(record: dict[str, Any]) -> dict[str, Any]:
     return question
 
 
+def question_key(question: dict[str, Any], text: str = "text") -> str:
+    """What tells questions apart: the id, MMBench's `round_id` and the text (LLaVA's MME questions share
+    their image's path as id, two questions to an image). An answer's key takes its `prompt` as text."""
+    return json.dumps([question["question_id"], question.get("round_id"), question.get(text)])
+
+
 def load_questions(path: str | Path) -> list[dict[str, Any]]:
     """The questions of `path`: JSON lines of questions, or a JSON list of questions or conversation
     records. Every question needs a `question_id` (unique) and a string `text`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"question file {path} does not exist (convert the benchmark first: data_recipes/README.md)"
+            f"question file {path} does not exist (convert the benchmark first: docs/evaluation.md)"
         )
     raw = path.read_text(encoding="utf-8")
     if raw.lstrip().startswith("["):
@@ -95,9 +107,11 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
                 f"{path}: record {n} needs a 'question_id' and a string 'text' (LLaVA's question format; "
                 "or 'id' and 'conversations' for a conversation record)"
             )
-        key = json.dumps(q["question_id"])
+        key = question_key(q)
         if key in seen:
-            raise QuestionFileError(f"{path}: question_id {q['question_id']!r} appears twice")
+            raise QuestionFileError(
+                f"{path}: question_id {q['question_id']!r} appears twice with the same text"
+            )
         seen.add(key)
         questions.append(q)
     return questions
@@ -254,27 +268,153 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def score(task: str, answers: list[dict[str, Any]], annotations: str | Path | None, questions=None) -> dict:
-    """The task's metrics: `multiple_choice` here (letter accuracy against the questions' `answer_letter`),
-    any other task by `eval/tasks.py`'s `score` (imported only now)."""
+def score(
+    task: str,
+    answers: list[dict[str, Any]],
+    annotations: str | Path | None,
+    questions: list[dict[str, Any]] | None = None,
+    *,
+    questions_file: str | Path | None = None,
+    partial: bool = False,
+    group_by: str | None = None,
+    split: str | None = None,
+) -> dict:
+    """The task's metrics: `multiple_choice` here (letter accuracy against the `answer_letter` of the
+    annotations' records, else of `questions`; `group_by` a field to break it down by), any other task by
+    `eval/tasks.py`'s `score` (imported only now). That one gets the options its task takes
+    (`TASKS[task].options`): the question file (`questions`: POPE's splits and VizWiz's images come from
+    it), `subset` when `partial` (a `--limit` or chunked run: score the questions answered, not the
+    others as wrong), and `split` (ScienceQA)."""
     if task == "multiple_choice":
         from .multiple_choice import score_letters
 
         records = questions if annotations is None else load_questions(annotations)
-        result = score_letters(answers, records)
+        result = score_letters(answers, records or [], group_by)
         result.pop("predictions")
         return result
     if annotations is None:
         raise ValueError(f"task {task!r} needs --annotations to be scored")
     from . import tasks
 
-    return tasks.score(task, answers, annotations)
+    spec = getattr(tasks, "TASKS", {}).get(task)
+    takes = set(getattr(spec, "options", ()))
+    if split is not None and "split" not in takes:
+        raise ValueError(f"task {task!r} takes no --split")
+    if partial and "subset" not in takes:
+        log.warning("%s: scoring a partial run; the questions not asked count as wrong", task)
+    wanted = {"questions": questions_file, "subset": True if partial else None, "split": split}
+    options = {k: v for k, v in wanted.items() if v is not None and k in takes}
+    return tasks.score(task, answers, annotations, **options)
+
+
+def evaluate_model(
+    model: Any,
+    questions: Sequence[dict[str, Any]],
+    image_root: str | Path,
+    out: str | Path,
+    *,
+    task: str,
+    model_id: str,
+    template: str,
+    aspect: str,
+    annotations: str | Path | None = None,
+    questions_file: str | Path | None = None,
+    partial: bool = False,
+    group_by: str | None = None,
+    split: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    strict: bool = False,
+    resume: bool = False,
+    suffix: str = "",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Answer `questions` with a loaded `model` into `out/answers{suffix}.jsonl` (appended batch by batch;
+    with `resume`, the answers already there are kept and their questions not asked again), score them
+    when there are annotations (or the task is local) and write `out/results{suffix}.json`: `task`,
+    `model`, `metrics`, `counts` (questions, answered, skipped by reason), `date`, `answers_file` and
+    `settings`. The `evaluate` command and the demo's held-out evaluation both run this."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    answers_file = out / f"answers{suffix}.jsonl"
+    previous: list[dict[str, Any]] = []
+    if resume and answers_file.exists():
+        previous = read_answers(answers_file)
+        done = {question_key(a, "prompt") for a in previous}
+        questions_left = [q for q in questions if question_key(q) not in done]
+        log.info(
+            "resume: %d answers in %s, %d questions left", len(previous), answers_file, len(questions_left)
+        )
+    else:
+        questions_left = list(questions)
+    # Rewritten whole (a torn last line from an interrupted run is gone), then appended batch by batch.
+    answers_file.write_text("".join(json.dumps(a) + "\n" for a in previous), encoding="utf-8")
+    with answers_file.open("a", encoding="utf-8") as f:
+
+        def write(batch: list[dict[str, Any]]) -> None:
+            f.writelines(json.dumps(a) + "\n" for a in batch)
+            f.flush()
+
+        new, skipped = answer_questions(
+            model,
+            questions_left,
+            image_root,
+            template=template,
+            aspect=aspect,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            model_id=model_id,
+            strict=strict,
+            generator=generator,
+            on_batch=write,
+        )
+    answers = previous + new
+    results: dict[str, Any] = {
+        "task": task,
+        "model": model_id,
+        "metrics": None,
+        "counts": {"questions": len(questions), "answered": len(answers), "skipped": skipped},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "answers_file": str(answers_file),
+        "settings": {
+            "questions": None if questions_file is None else str(questions_file),
+            "image_root": str(image_root),
+            "annotations": None if annotations is None else str(annotations),
+            "template": template,
+            "image_aspect": aspect,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            **(settings or {}),
+        },
+    }
+    if annotations is not None or task in LOCAL_TASKS:
+        results["metrics"] = score(
+            task,
+            answers,
+            annotations,
+            list(questions),
+            questions_file=questions_file,
+            partial=partial,
+            group_by=group_by,
+            split=split,
+        )
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llava_lightning evaluate", description=(__doc__ or "").split("\n\n")[0]
+        prog="python -m llava_lightning evaluate",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="python -m llava_lightning evaluate table RESULTS.json ...: the markdown table of several runs",
     )
     p.add_argument("--task", required=True, help=f"benchmark ({', '.join(BENCHMARKS)}) or multiple_choice")
     p.add_argument(
@@ -338,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop at a question whose image is missing instead of skipping it",
     )
+    scoring = p.add_argument_group("scoring")
+    scoring.add_argument("--split", help="scienceqa: the pid_splits.json split to score (default test)")
+    scoring.add_argument("--group_by", help="multiple_choice: a question field to break the accuracy down by")
     return p
 
 
@@ -368,86 +511,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device=device, dtype=dtype)
 
     out = Path(args.out) if args.out else Path("outputs/eval") / args.task / model_id
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = f".{args.chunk_idx}_of_{args.num_chunks}" if args.num_chunks > 1 else ""
-    answers_file = out / f"answers{suffix}.jsonl"
-    previous: list[dict[str, Any]] = []
-    if args.resume and answers_file.exists():
-        previous = read_answers(answers_file)
-        done = {json.dumps(a["question_id"]) for a in previous}
-        questions_left = [q for q in questions if json.dumps(q["question_id"]) not in done]
-        log.info(
-            "resume: %d answers in %s, %d questions left", len(previous), answers_file, len(questions_left)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if device.type == "cuda" and dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
+    with torch.inference_mode(), autocast:
+        results = evaluate_model(
+            model,
+            questions,
+            image_root,
+            out,
+            task=args.task,
+            model_id=model_id,
+            template=template,
+            aspect=aspect,
+            annotations=args.annotations,
+            questions_file=questions_path,
+            partial=args.limit is not None or args.num_chunks > 1,
+            group_by=args.group_by,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            generator=generator,
+            strict=args.strict,
+            resume=args.resume,
+            suffix=f".{args.chunk_idx}_of_{args.num_chunks}" if args.num_chunks > 1 else "",
+            settings={
+                "ckpt_path": args.ckpt_path,
+                "pretrained": args.pretrained,
+                "preset": args.preset,
+                "dtype": str(dtype).removeprefix("torch."),
+                "device": str(device),
+                "seed": args.seed,
+                "limit": args.limit,
+                "num_chunks": args.num_chunks,
+                "chunk_idx": args.chunk_idx,
+            },
         )
-    else:
-        questions_left = questions
-    # Rewritten whole (a torn last line from an interrupted run is gone), then appended batch by batch.
-    answers_file.write_text("".join(json.dumps(a) + "\n" for a in previous), encoding="utf-8")
-
-    with answers_file.open("a", encoding="utf-8") as f:
-
-        def write(batch: list[dict[str, Any]]) -> None:
-            f.writelines(json.dumps(a) + "\n" for a in batch)
-            f.flush()
-
-        autocast = (
-            torch.autocast(device.type, dtype=dtype)
-            if device.type == "cuda" and dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
-        with torch.inference_mode(), autocast:
-            new, skipped = answer_questions(
-                model,
-                questions_left,
-                image_root,
-                template=template,
-                aspect=aspect,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                model_id=model_id,
-                strict=args.strict,
-                generator=generator,
-                on_batch=write,
-            )
-    answers = previous + new
-    results: dict[str, Any] = {
-        "task": args.task,
-        "model": model_id,
-        "metrics": None,
-        "counts": {"questions": len(questions), "answered": len(answers), "skipped": skipped},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "answers_file": str(answers_file),
-        "settings": {
-            "questions": str(questions_path),
-            "image_root": str(image_root),
-            "annotations": args.annotations,
-            "ckpt_path": args.ckpt_path,
-            "pretrained": args.pretrained,
-            "preset": args.preset,
-            "template": template,
-            "image_aspect": aspect,
-            "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "limit": args.limit,
-            "num_chunks": args.num_chunks,
-            "chunk_idx": args.chunk_idx,
-        },
-    }
-    if args.annotations or args.task in LOCAL_TASKS:
-        results["metrics"] = score(args.task, answers, args.annotations, questions)
-    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m llava_lightning evaluate ...` (see the module docstring and docs/evaluation.md)."""
+    """`python -m llava_lightning evaluate ...` (see the module docstring and docs/evaluation.md);
+    `evaluate table RESULTS.json ...` prints the markdown table of several results (`table.py`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        from . import table
+
+        table.main(argv[1:])
+        return
     args = parser().parse_args(argv)
     results = run(args)
     counts = results["counts"]
