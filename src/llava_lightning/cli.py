@@ -225,6 +225,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> LlavaCLI | None:
     """Run a subcommand; returns the CLI (its `trainer.callback_metrics` hold the run's last metrics)."""
+    given = argv
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] and argv[0] in COMMANDS:
@@ -237,5 +238,5 @@ def main(argv: list[str] | None = None) -> LlavaCLI | None:
         LlavaLitModule,
         LlavaDataModule,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=given,  # None: LightningCLI reads sys.argv itself (and does not warn that both were given)
     )

@@ -5,7 +5,9 @@
 3. Stage 2: `fit -c conf/stage2.yaml -c conf/tiny.yaml --model.init_projector <stage-1 artifact>`
    (vicuna_v1 instructions + multiple-choice questions; projector + LLM).
 4. Evaluate the held-out multiple-choice set (ScienceQA-style prompt, greedy decoding, answer letter
-   parsed) with the model before stage 2 and after it, next to chance, twice over the same images
+   parsed) through the `evaluate` command's path (`eval/evaluate.py`'s `evaluate_model`: LLaVA-format
+   answers and a results.json per set and model under `outputs/demo/eval/`, and their `table.md`)
+   with the model before stage 2 and after it, next to chance, twice over the same images
    and questions: options in each question type's fixed order (the target), and shuffled (option
    matching, which a tiny LLM trained from scratch for minutes lacks); ask for a free-form description
    of every one-shape held-out image and count those naming its colour and shape
@@ -89,6 +91,46 @@ def _grid(model, records: list[dict], image_root: Path, out: Path) -> None:
     grid.save(out)
 
 
+def held_out_multiple_choice(models: dict, eval_root: Path, out: Path) -> dict[str, dict[str, dict]]:
+    """Each model (`{"before": ..., "after": ...}`) on each held-out multiple-choice file, through the
+    `evaluate` command's path (`evaluate_model`, task multiple_choice, its settings as before: greedy,
+    8 new tokens, batches of 16, vicuna_v1, pad): answers in LLaVA's format and a results.json under
+    `out/{order}-{when}/`, and `out/table.md` (`evaluate table`) of them all. Returns the metrics by
+    order (fixed / shuffled) and model."""
+    import torch
+
+    from .data.synthetic import EVAL_FILES
+    from .eval.evaluate import evaluate_model, load_questions
+    from .eval.table import build_table, read_result
+
+    scores: dict[str, dict[str, dict]] = {}
+    rows = []
+    with torch.inference_mode():
+        for order, name in EVAL_FILES.items():
+            questions = load_questions(eval_root / name)
+            for when, model in models.items():
+                run = evaluate_model(
+                    model,
+                    questions,
+                    eval_root,
+                    out / f"{order}-{when}",
+                    task="multiple_choice",
+                    model_id=f"demo-{when}-stage2",
+                    template="vicuna_v1",
+                    aspect="pad",
+                    questions_file=eval_root / name,
+                    group_by="question_type",
+                    batch_size=16,
+                    max_new_tokens=8,
+                    strict=True,
+                )
+                scores.setdefault(order, {})[when] = run["metrics"]
+                row = f"{when} stage 2, {order} options"
+                rows.append(read_result(out / f"{order}-{when}" / "results.json", model=row))
+    (out / "table.md").write_text(build_table(rows), encoding="utf-8")
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/shapes", help="where the synthetic data lives (made once)")
@@ -146,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
     from .data.synthetic import COLOURS, SHAPES
     from .data.synthetic import EVAL_FILES as eval_files
     from .eval.descriptions import evaluate_descriptions
-    from .eval.multiple_choice import evaluate_multiple_choice
 
     eval_root = data / "eval"
     _say("evaluating the held-out multiple-choice sets (greedy, answer letter parsed)")
@@ -154,13 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         "before": _load(_latest("checkpoints/last*.ckpt", stage1_dir)),
         "after": _load(_latest("checkpoints/last*.ckpt", stage2_dir)),
     }
-    scores = {
-        order: {
-            when: evaluate_multiple_choice(m, eval_root / name, eval_root, group_by="question_type")
-            for when, m in models.items()
-        }
-        for order, name in eval_files.items()
-    }
+    scores = held_out_multiple_choice(models, eval_root, out / "eval")
     fixed_records = json.loads((eval_root / eval_files["fixed"]).read_text())
     _say("describing the held-out one-shape images (greedy): right colour and shape named?")
     described = evaluate_descriptions(models["after"], fixed_records, eval_root, tuple(COLOURS), SHAPES)
@@ -202,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         f"chance {1 / (len(COLOURS) * len(SHAPES)):.1%})"
     )
     _say(
-        f"outputs: results {out / 'results.json'}, sample grid {grid}, checkpoints {stage2_dir / 'checkpoints'},"
+        f"outputs: results {out / 'results.json'}, answers and results per set {out / 'eval'}/*/ "
+        f"(table {out / 'eval' / 'table.md'}), "
+        f"sample grid {grid}, checkpoints {stage2_dir / 'checkpoints'},"
     )
     _say(f"         TensorBoard curves: tensorboard --logdir {out}   ({results['minutes']:.1f} min in all)")
 

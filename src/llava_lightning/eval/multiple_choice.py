@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from ..data.image import decode_image
-from ..data.image_paths import ImageRoot, record_image_paths
 from ..data.prompts import prompt_of
 from ..inference.generate import generate
 
@@ -86,6 +84,69 @@ def _n_options(record: dict[str, Any], prompt: str) -> int:
     return len(found)
 
 
+def _key(record: dict[str, Any]) -> str:
+    return json.dumps(record["question_id"] if "question_id" in record else record.get("id"))
+
+
+def score_letters(
+    answers: list[dict[str, Any]], records: list[dict[str, Any]], group_by: str | None = None
+) -> dict[str, Any]:
+    """Letter accuracy of LLaVA-format `answers` (`question_id`, `text`) against `records` (questions or
+    conversation records carrying `answer_letter`, or the letter as their gpt turn), in the records' order.
+
+    Returns `accuracy` (correct / n; unparsed replies and unanswered records are wrong), `n`, `correct`,
+    `unparsed`, `chance` (mean of 1 / number of options), `predictions` (per record: `id`, `reply`, `letter`
+    (parsed, or None), `answer`, `correct`, `n_options`, and with `group_by` its `group`), and with
+    `group_by` (a field every record has) `groups`: per value, in order of first appearance, its own
+    `accuracy`, `n`, `correct` and `chance`.
+    """
+    if group_by is not None:
+        for r in records:
+            if group_by not in r:
+                raise ValueError(
+                    f"record {r.get('id', r.get('question_id'))!r} has no {group_by!r} field to group by; "
+                    "add it to every record or leave group_by unset"
+                )
+    replies = {_key(a): a.get("text", "") for a in answers}
+    accuracy = MeanMetric().set_dtype(torch.float64)
+    chance = MeanMetric().set_dtype(torch.float64)
+    predictions: list[dict[str, Any]] = []
+    unparsed = 0
+    for record in records:
+        prompt = record["text"] if isinstance(record.get("text"), str) else prompt_of(record)
+        n_options = _n_options(record, prompt)
+        answer = _answer(record)
+        reply = replies.get(_key(record))
+        letter = parse_letter(reply, n_options) if reply is not None else None
+        unparsed += letter is None
+        correct = letter is not None and letter == answer
+        accuracy.update(torch.tensor(float(correct), dtype=torch.float64))
+        chance.update(torch.tensor(1.0 / n_options, dtype=torch.float64))
+        predictions.append(
+            {
+                "id": record.get("id", record.get("question_id")),
+                "reply": reply,
+                "letter": letter,
+                "answer": answer,
+                "correct": correct,
+                "n_options": n_options,
+                **({"group": str(record[group_by])} if group_by is not None else {}),
+            }
+        )
+    n = len(predictions)
+    result = {
+        "accuracy": float(accuracy.compute()) if n else 0.0,
+        "n": n,
+        "correct": sum(p["correct"] for p in predictions),
+        "unparsed": unparsed,
+        "chance": float(chance.compute()) if n else 0.0,
+        "predictions": predictions,
+    }
+    if group_by is not None:
+        result["groups"] = _groups(predictions)
+    return result
+
+
 def evaluate_multiple_choice(
     model: Any,
     json_path: str | Path,
@@ -96,15 +157,12 @@ def evaluate_multiple_choice(
     aspect: str = "pad",
     limit: int | None = None,
     group_by: str | None = None,
+    answers_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Greedy multiple-choice accuracy of `model` (a `LlavaModel`, replying through `inference.generate`).
-
-    Returns `accuracy` (correct / n; unparsed replies are wrong), `n`, `correct`, `unparsed`,
-    `chance` (mean of 1 / number of options: the expected accuracy of a uniform guess) and
-    `predictions` (per record: `id`, `reply`, `letter` (parsed, or None), `answer`, `correct`,
-    `n_options`, and with `group_by` its `group`).
-    With `group_by` (a record field every record has), also `groups`: per value of that field, in
-    order of first appearance, its own `accuracy`, `n`, `correct` and `chance`.
+    """Greedy multiple-choice accuracy of `model` (a `LlavaModel`, replying through `inference.generate`),
+    by the `evaluate` command's path: the records become questions, `answer_questions` answers them
+    (strict: a missing image raises), `score_letters` scores the replies (its result, documented there).
+    `answers_file`: also write the answers there in LLaVA's format (JSON lines).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -118,62 +176,30 @@ def evaluate_multiple_choice(
                     f"{json_path}: record {r.get('id')!r} has no {group_by!r} field to group by; "
                     "add it to every record or leave group_by unset"
                 )
-    root = ImageRoot(image_root)
-    accuracy = MeanMetric().set_dtype(torch.float64)
-    chance = MeanMetric().set_dtype(torch.float64)
-    predictions: list[dict[str, Any]] = []
-    unparsed = 0
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        prompts = [prompt_of(r) for r in batch]
-        images: list[Any] = []
-        for r in batch:
-            paths = [root.resolve(p) for p in record_image_paths(r)]
-            images.append([decode_image(p) for p in paths] if paths else None)
-        replies = generate(
-            model, images, prompts, template=template, max_new_tokens=max_new_tokens, aspect=aspect
-        )
-        if len(replies) != len(batch):
-            raise RuntimeError(f"generate returned {len(replies)} replies for {len(batch)} prompts")
-        for record, prompt, reply in zip(batch, prompts, replies):
-            n_options = _n_options(record, prompt)
-            answer = _answer(record)
-            letter = parse_letter(reply, n_options)
-            unparsed += letter is None
-            correct = letter is not None and letter == answer
-            accuracy.update(torch.tensor(float(correct), dtype=torch.float64))
-            chance.update(torch.tensor(1.0 / n_options, dtype=torch.float64))
-            predictions.append(
-                {
-                    "id": record.get("id"),
-                    "reply": reply,
-                    "letter": letter,
-                    "answer": answer,
-                    "correct": correct,
-                    "n_options": n_options,
-                    **({"group": str(record[group_by])} if group_by is not None else {}),
-                }
-            )
-        log.info("multiple choice: %d / %d records", len(predictions), len(records))
-    n = len(predictions)
-    n_correct = sum(p["correct"] for p in predictions)
-    result = {
-        "accuracy": float(accuracy.compute()),
-        "n": n,
-        "correct": n_correct,
-        "unparsed": unparsed,
-        "chance": float(chance.compute()),
-        "predictions": predictions,
-    }
-    if group_by is not None:
-        result["groups"] = _groups(predictions)
+    from .evaluate import answer_questions, question_from_record
+
+    answers, _ = answer_questions(
+        model,
+        [question_from_record(r) for r in records],
+        image_root,
+        template=template,
+        aspect=aspect,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        strict=True,
+        generate_fn=generate,  # looked up now: tests replace it
+    )
+    if answers_file is not None:
+        Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(answers_file).write_text("".join(json.dumps(a) + "\n" for a in answers), encoding="utf-8")
+    result = score_letters(answers, records, group_by)
     log.info(
         "multiple choice on %s: accuracy %.4f (%d / %d), %d unparsed, chance %.4f",
         json_path,
         result["accuracy"],
-        n_correct,
-        n,
-        unparsed,
+        result["correct"],
+        result["n"],
+        result["unparsed"],
         result["chance"],
     )
     return result

@@ -117,6 +117,18 @@ def encode_messages(
     )
 
 
+@dataclass
+class ReplyUsage:
+    """What a reply cost and why it ended (filled in by `stream_prompt` as it runs)."""
+
+    prompt_tokens: int = 0
+    """Tokens of the prompt (image runs expanded)."""
+    completion_tokens: int = 0
+    """Tokens generated (the end-of-turn token included when one ended the reply)."""
+    finish_reason: Literal["stop", "length"] | None = None
+    """`stop`: an end-of-turn token (or the reader stopped); `length`: `max_new_tokens` reached."""
+
+
 def stream_reply(
     model: LlavaModel,
     messages: Sequence[Message],
@@ -126,8 +138,20 @@ def stream_reply(
 ) -> Iterator[str]:
     """The assistant's reply to `messages`, as text pieces while it is generated (joined: the whole reply,
     without its end-of-turn token). Stopping the iteration early stops the generation."""
+    yield from stream_prompt(model, encode_messages(model, messages, template, aspect), sampling)
+
+
+def stream_prompt(
+    model: LlavaModel,
+    prompt: EncodedPrompt,
+    sampling: Sampling | None = None,
+    usage: ReplyUsage | None = None,
+) -> Iterator[str]:
+    """`stream_reply` for a prompt already encoded (the server checks its length first); `usage`, when
+    given, is kept up to date."""
     sampling = sampling or Sampling()
-    prompt = encode_messages(model, messages, template, aspect)
+    usage = usage if usage is not None else ReplyUsage()
+    usage.prompt_tokens = int(prompt.input_ids.shape[1])
     tokens: queue.Queue = queue.Queue()
     stop = threading.Event()
     generator = None
@@ -166,15 +190,21 @@ def stream_reply(
                 break
             if isinstance(item, BaseException):
                 raise item
+            usage.completion_tokens += 1
             piece = decoder.add(item)
             if decoder.ended:
                 break
             if piece:
                 yield piece
+        usage.finish_reason = (
+            "stop" if decoder.ended or usage.completion_tokens < sampling.max_new_tokens else "length"
+        )
         tail = decoder.flush()
         if tail:
             yield tail
     finally:
+        if usage.finish_reason is None:
+            usage.finish_reason = "stop"
         stop.set()
         worker.join()
 

@@ -1,0 +1,1 @@
+"""Benchmark releases -> the question files `python -m llava_lightning evaluate` reads (README.md)."""
