@@ -116,6 +116,13 @@ def test_the_exported_processor_pads_to_square_as_training_does(tower):
     assert not getattr(build_hf_processor(model, "square").image_processor, "do_pad", False)
 
 
+def theirs_eos(folder) -> list[int]:
+    from transformers import GenerationConfig
+
+    ids = GenerationConfig.from_pretrained(folder).eos_token_id
+    return ids if isinstance(ids, list) else [ids]
+
+
 def test_transformers_on_the_export_repeats_our_greedy_reply(tiny_stage2_ckpt, tmp_path):
     """`export` a trained checkpoint; transformers' processor (chat template, padding) + `generate` give
     the new token ids of our greedy reply, with a non-square image, over two turns."""
@@ -134,6 +141,9 @@ def test_transformers_on_the_export_repeats_our_greedy_reply(tiny_stage2_ckpt, t
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.do_pad and processor.chat_template
     assert AutoTokenizer.from_pretrained(out).chat_template == processor.chat_template
+    assert theirs_eos(out) == [
+        lit.model.tokenizer.eos_token_id
+    ]  # generation_config.json: vicuna stops at EOS
     theirs = LlavaForConditionalGeneration.from_pretrained(out).eval()
 
     first, second = _image(1, 150, 90), _image(2, 60, 110)

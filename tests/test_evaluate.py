@@ -25,6 +25,15 @@ from llava_lightning.eval.evaluate import (
 from llava_lightning.module import LlavaLitModule
 
 
+def _fake_tasks(monkeypatch, fake) -> None:
+    """`eval/tasks.py` replaced by `fake` for `evaluate`'s `from . import tasks` (module and attribute:
+    once imported, the package attribute is what the import finds)."""
+    import llava_lightning.eval as package
+
+    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", fake)
+    monkeypatch.setattr(package, "tasks", fake, raising=False)
+
+
 def _images(root: Path, n: int) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -143,9 +152,7 @@ def test_evaluate_cli_with_a_checkpoint_matches_generate_and_scores(tmp_path, ti
 
     # eval/tasks.py's interface (h-score): POPE takes the question file, as its scorer's `questions`.
     tasks = {"pope": types.SimpleNamespace(options=("questions", "subset", "strict"))}
-    monkeypatch.setitem(
-        sys.modules, "llava_lightning.eval.tasks", types.SimpleNamespace(score=fake_score, TASKS=tasks)
-    )
+    _fake_tasks(monkeypatch, types.SimpleNamespace(score=fake_score, TASKS=tasks))
     out = tmp_path / "out"
     argv = ["--task", "pope", "--questions", str(path), "--ckpt_path", str(ckpt), "--out", str(out)]
     main([*argv, "--annotations", str(annotations), "--batch_size", "3", "--max_new_tokens", "4"])
@@ -255,7 +262,7 @@ def test_scoring_passes_only_the_options_a_task_takes(monkeypatch):
         "textvqa": types.SimpleNamespace(options=("strict",)),
     }
     fake = types.SimpleNamespace(TASKS=tasks, score=lambda task, a, ann, **o: calls.append((task, o)) or {})
-    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", fake)
+    _fake_tasks(monkeypatch, fake)
     evaluate.score("pope", [], "labels", questions_file="q.jsonl", partial=True)
     evaluate.score("scienceqa", [], "problems.json", questions_file="q.jsonl", split="val")
     evaluate.score("textvqa", [], "val.json", questions_file="q.jsonl", partial=True)  # warns: no subset
@@ -275,7 +282,7 @@ def test_limited_run_is_scored_as_a_subset(tmp_path, monkeypatch):
     seen = {}
     tasks = {"gqa": types.SimpleNamespace(options=("subset", "strict"))}
     fake = types.SimpleNamespace(TASKS=tasks, score=lambda task, a, ann, **o: seen.update(o, n=len(a)) or {})
-    monkeypatch.setitem(sys.modules, "llava_lightning.eval.tasks", fake)
+    _fake_tasks(monkeypatch, fake)
     monkeypatch.setattr(evaluate, "load_model", lambda *a: (torch.nn.Linear(1, 1), "vicuna_v1", "pad", "m"))
     monkeypatch.setattr("llava_lightning.inference.generate.generate", lambda m, i, p, **k: ["x"] * len(p))
     (tmp_path / "gqa.json").write_text("{}")

@@ -204,6 +204,27 @@ def test_generate_text_cache_matches_rerun_with_images(tiny):
     assert cached == rerun and all(isinstance(t, str) for t in cached)
 
 
+def test_export_stops_engines_at_the_templates_end_of_turn(qwen, tmp_path):
+    """`generation_config.json` gets the template's end-of-turn ids: with a tokenizer whose EOS is not
+    ChatML's `<|im_end|>`, both; vicuna on the same tokenizer: the EOS alone."""
+    from copy import deepcopy
+
+    from transformers import GenerationConfig
+
+    from llava_lightning.inference.generate import save_stop_tokens
+
+    tok = deepcopy(qwen.tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert end != eos
+    GenerationConfig(max_length=77).save_pretrained(tmp_path)
+    assert save_stop_tokens(tmp_path, tok, "chatml") == [eos, end]
+    config = GenerationConfig.from_pretrained(tmp_path)
+    assert config.eos_token_id == [eos, end] and config.max_length == 77  # the rest kept
+    save_stop_tokens(tmp_path, tok, "vicuna_v1")
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == eos
+
+
 def test_qwen2_chatml_cache_matches_rerun(qwen):
     assert eos_ids_for(qwen.tokenizer, get_template("chatml")) == [
         qwen.tokenizer.convert_tokens_to_ids("<|im_end|>")

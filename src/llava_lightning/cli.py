@@ -46,6 +46,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import config_base
 from .data.chat_template import jinja_chat_template
 from .data.datamodule import ImageSettings, LlavaDataModule
+from .inference.generate import save_stop_tokens
 from .module import LlavaLitModule
 from .training.checkpoint_file import callers_trust_remote_code
 from .training.consolidate import consolidated
@@ -209,6 +210,7 @@ def export(argv: list[str]) -> None:
     tok = model.tokenizer
     chat_template = jinja_chat_template(lit.template, tok.bos_token, tok.eos_token)
     model.save_hf(args.out, template=lit.template, image_aspect=lit.image_aspect, chat_template=chat_template)
+    save_stop_tokens(args.out, tok, lit.template)  # engines stop at the template's end of turn
     print(f"llava-hf folder written to {args.out}")  # noqa: T201 (CLI output)
 
 

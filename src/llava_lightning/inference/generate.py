@@ -51,6 +51,22 @@ def eos_ids_for(tokenizer: Any, template: Any) -> list[int]:
     return ids
 
 
+def save_stop_tokens(path: Any, tokenizer: Any, template: str) -> list[int]:
+    """Set `generation_config.json`'s `eos_token_id` in the exported folder `path` to `eos_ids_for` of
+    `template`: engines (transformers' `generate`, vLLM) stop only there, and a template whose turns end
+    with another token than the tokenizer's EOS (ChatML, Llama-3) would otherwise run past the reply."""
+    from transformers import GenerationConfig
+
+    ids = eos_ids_for(tokenizer, get_template(template))
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json written
+        config = GenerationConfig()
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    config.save_pretrained(path)
+    return ids
+
+
 def generate(
     model: LlavaModel,
     images: Sequence[Any],
