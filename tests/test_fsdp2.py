@@ -81,6 +81,20 @@ def test_fsdp2_with_sharded_init_on_two_processes_matches_one_process_on_the_sam
     assert set(ours) == set(reference)
     for key, value in reference.items():
         torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-4, msg=key)
+    # `evaluate` takes the sharded folder too (consolidated as `export` does): greedy answers of the same
+    # weights (within 1e-4) to the same questions, in LLaVA's answer format.
+    import json
+
+    from llava_lightning.eval.evaluate import main as evaluate
+
+    answers = {}
+    for name, ckpt in (("fsdp2", sharded), ("single", workdir / "single-ckpt" / "last.ckpt")):
+        evaluate(["--task", "gqa", "--questions", str(workdir / "data/shapes/instruct/llava_instruct.json"),
+                  "--image_root", str(workdir / "data/shapes/instruct"), "--ckpt_path", str(ckpt), "--limit", "4",
+                  "--max_new_tokens", "4", "--device", "cpu", "--out", str(workdir / f"eval-{name}")])  # fmt: skip
+        lines = (workdir / f"eval-{name}" / "answers.jsonl").read_text().splitlines()
+        answers[name] = [(a["question_id"], a["prompt"], a["text"]) for a in map(json.loads, lines)]
+    assert len(answers["single"]) == 4 and answers["fsdp2"] == answers["single"]
 
 
 @pytest.fixture

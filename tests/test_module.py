@@ -316,6 +316,19 @@ def test_align_writes_a_projector_artifact_that_stage_2_loads(shapes_dir, tmp_pa
     stage2 = LlavaLitModule(preset="tiny", stage="finetune", init_projector=str(artifact))
     for k, v in stage2.model.multi_modal_projector.state_dict().items():
         assert torch.equal(v, trained[k])
+    # A stage-2 checkpoint loads (chat, serve, evaluate, export) where the stage-1 file is gone.
+    with torch.no_grad():
+        for p in stage2.model.multi_modal_projector.parameters():
+            p.add_(1.0)
+    trainer = quiet_trainer(tmp_path)
+    trainer.strategy.connect(stage2)
+    trainer.save_checkpoint(tmp_path / "stage2.ckpt")
+    artifact.unlink()
+    loaded = LlavaLitModule.load_from_checkpoint(
+        tmp_path / "stage2.ckpt", map_location="cpu", weights_only=True
+    )
+    for k, v in loaded.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(v, trained[k] + 1.0)
 
 
 def test_validation_reports_loss_perplexity_and_accuracy(shapes_dir, tmp_path):

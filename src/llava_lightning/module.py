@@ -150,7 +150,11 @@ class LlavaLitModule(L.LightningModule):
         - a local file is first read with weights only (memory-mapped: the weights are not read), so an
           empty, truncated or foreign file, or one holding objects outside the allowlist, raises
           `CheckpointLoadError` naming it (skipped when the caller passes `weights_only=False`).
+
+        The stage-1 projector file a run started from (`init_projector`) is not read: the checkpoint's
+        weights replace it, and on another machine it may not exist.
         """
+        kwargs.setdefault("init_projector", None)
         is_local_file = isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file()
         if is_local_file and weights_only is not False:
             read_checkpoint(checkpoint_path)  # the clear error, before Lightning's own torch.load

@@ -157,7 +157,12 @@ async def _events(
 def _model_id(ckpt_path: str | None, pretrained: str | None, preset: str | None) -> str:
     if preset:
         return preset
-    return Path(str(ckpt_path or pretrained).rstrip("/")).name or "llava"
+    path = Path(str(ckpt_path or pretrained).rstrip("/"))
+    if (
+        ckpt_path and path.parent.name == "checkpoints"
+    ):  # RUN/checkpoints/last.ckpt -> RUN-last, as `evaluate` names it
+        return f"{path.parent.parent.name}-{path.stem}"
+    return path.name or "llava"
 
 
 def main(argv: list[str]) -> None:
