@@ -234,31 +234,13 @@ def load_model(
 ) -> tuple[Any, str, str, str]:
     """`(LlavaModel in eval mode, template, image aspect, model id)` from exactly one of a Lightning
     checkpoint (a .ckpt file or a sharded checkpoint folder, consolidated as `export` does), a llava-hf
-    folder or hub name, or a preset (random init: smoke tests)."""
-    from ..module import LlavaLitModule
-    from ..training.consolidate import consolidated
+    folder or hub name, or a preset (random init: smoke tests); `inference/load.py` does the loading."""
+    from ..inference.load import load_for_inference, model_id_of
 
-    given = [x for x in (ckpt_path, pretrained, preset) if x]
-    if len(given) != 1:
-        raise ValueError("give the model as exactly one of --ckpt_path, --pretrained or --preset")
-    if ckpt_path:
-        if not Path(ckpt_path).exists():
-            raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-        with consolidated(ckpt_path) as ckpt_file:
-            lit = LlavaLitModule.load_from_checkpoint(
-                ckpt_file, map_location="cpu", weights_only=True, trust_remote_code=trust_remote_code
-            )
-        path = Path(ckpt_path)
-        model_id = (
-            (path.parent.parent.name + "-" + path.stem) if path.parent.name == "checkpoints" else path.stem
-        )
-    else:
-        lit = LlavaLitModule(pretrained=pretrained, preset=preset, stage="finetune", projector_artifact=None)
-        model_id = Path(pretrained).name if pretrained else str(preset)
-    model = lit.model
-    if hasattr(model.language_model, "merge_and_unload"):  # LoRA: answer with the adapters folded in
-        model.language_model = model.language_model.merge_and_unload()
-    return model.eval(), lit.template, lit.image_aspect, model_id
+    model, template, aspect = load_for_inference(
+        ckpt_path, pretrained, preset, trust_remote_code=trust_remote_code
+    )
+    return model, template, aspect, model_id_of(ckpt_path, pretrained, preset)
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

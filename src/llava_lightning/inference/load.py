@@ -1,6 +1,7 @@
 """A model to answer with, from one of three sources: a Lightning checkpoint (`--ckpt_path`), a llava-hf
 folder or hub name (`--pretrained`), or a random-init preset (`--preset`, e.g. `tiny`, for trying the
-tools offline). The terminal chat and the server load through here.
+tools offline). The terminal chat, the server and `evaluate` load through here; LoRA adapters are folded
+into the weights (one matmul per layer at generation, not three).
 
 A checkpoint is read with weights only (`training/consolidate.py` joins a sharded one first); remote code
 runs only when the caller passes `trust_remote_code=True` (the command line's `--trust_remote_code`), never
@@ -42,9 +43,13 @@ def load_for_inference(
             + (f"; got {', '.join('--' + g for g in given)}" if given else "")
         )
     if ckpt_path:
+        from pathlib import Path
+
         from ..module import LlavaLitModule
         from ..training.consolidate import consolidated
 
+        if not Path(ckpt_path).exists():
+            raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist (--ckpt_path)")
         with consolidated(ckpt_path) as ckpt_file:
             lit = LlavaLitModule.load_from_checkpoint(
                 ckpt_file, map_location="cpu", weights_only=True, trust_remote_code=trust_remote_code
@@ -61,6 +66,8 @@ def load_for_inference(
         from ..model.llava import LlavaModel
 
         model = LlavaModel.from_preset(str(preset))
+    if hasattr(model.language_model, "merge_and_unload"):  # a LoRA run's adapters, folded in
+        model.language_model = model.language_model.merge_and_unload()
     from ..model.pretrained import DEFAULT_ASPECT, DEFAULT_TEMPLATE
 
     template, image_aspect = template or DEFAULT_TEMPLATE, image_aspect or DEFAULT_ASPECT
@@ -72,3 +79,18 @@ def load_for_inference(
         image_aspect,
     )
     return model.eval(), template, image_aspect
+
+
+def model_id_of(
+    ckpt_path: str | None = None, pretrained: str | None = None, preset: str | None = None
+) -> str:
+    """The name answers, results and `/v1/models` give the model: `RUN-last` for `RUN/checkpoints/last.ckpt`,
+    else the checkpoint's or folder's name, or the preset's."""
+    from pathlib import Path
+
+    if preset:
+        return str(preset)
+    path = Path(str(ckpt_path or pretrained).rstrip("/"))
+    if ckpt_path:
+        return f"{path.parent.parent.name}-{path.stem}" if path.parent.name == "checkpoints" else path.stem
+    return path.name or "llava"

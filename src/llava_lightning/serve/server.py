@@ -154,17 +154,6 @@ async def _events(
         await pieces.aclose()  # type: ignore[attr-defined]
 
 
-def _model_id(ckpt_path: str | None, pretrained: str | None, preset: str | None) -> str:
-    if preset:
-        return preset
-    path = Path(str(ckpt_path or pretrained).rstrip("/"))
-    if (
-        ckpt_path and path.parent.name == "checkpoints"
-    ):  # RUN/checkpoints/last.ckpt -> RUN-last, as `evaluate` names it
-        return f"{path.parent.parent.name}-{path.stem}"
-    return path.name or "llava"
-
-
 def main(argv: list[str]) -> None:
     """`serve (--ckpt_path CKPT | --pretrained DIR | --preset NAME) [--host H] [--port P] ...`: the
     OpenAI-compatible server and the web chat page on one model."""
@@ -231,7 +220,7 @@ def main(argv: list[str]) -> None:
     import torch
     import uvicorn
 
-    from ..inference.load import load_for_inference
+    from ..inference.load import load_for_inference, model_id_of
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, template, aspect = load_for_inference(
@@ -248,7 +237,7 @@ def main(argv: list[str]) -> None:
         model,
         template,
         aspect,
-        args.model_name or _model_id(args.ckpt_path, args.pretrained, args.preset),
+        args.model_name or model_id_of(args.ckpt_path, args.pretrained, args.preset),
         Limits(
             max_concurrent=args.max_concurrent,
             max_tokens=args.max_tokens,
