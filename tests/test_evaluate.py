@@ -246,7 +246,9 @@ def test_multiple_choice_task_scores_the_records_own_letters(tmp_path, monkeypat
 
 
 def test_model_sources_are_exclusive_and_checked(tmp_path):
-    with pytest.raises(ValueError, match="exactly one model source: --ckpt_path CKPT .*; got --ckpt_path, --preset"):
+    with pytest.raises(
+        ValueError, match="exactly one model source: --ckpt_path CKPT .*; got --ckpt_path, --preset"
+    ):
         load_model(ckpt_path="a.ckpt", preset="tiny")
     with pytest.raises(FileNotFoundError, match="checkpoint .*nothing.ckpt does not exist"):
         load_model(ckpt_path=str(tmp_path / "nothing.ckpt"))
