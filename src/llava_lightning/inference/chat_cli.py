@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .chat import IMAGE, ChatSession, Message, Sampling, encode_messages
+from .load import add_model_arguments, load_from_arguments
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -153,22 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     defaults = Sampling()
     parser = ArgumentParser(prog="python -m llava_lightning chat", description=main.__doc__)
-    parser.add_argument(
-        "--ckpt_path", help="Lightning checkpoint of a training run (.ckpt file or sharded folder)"
-    )
-    parser.add_argument("--pretrained", help="llava-hf folder or hub name (as --model.pretrained)")
-    parser.add_argument("--preset", help="Random-init preset (tiny, tiny-next, ...): for trying the chat out")
-    parser.add_argument("--template", help="Conversation template (default: the model's own, else vicuna_v1)")
-    parser.add_argument(
-        "--image_aspect", choices=["pad", "square"], help="Image aspect (default: the model's)"
-    )
-    parser.add_argument(
-        "--trust_remote_code", type=bool, default=False, help="Let transformers run the model's code"
-    )
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="Weights' dtype"
-    )
+    add_model_arguments(parser, "the chat")
     parser.add_argument(
         "--image",
         "--image_file",
@@ -195,23 +181,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from .load import load_for_inference
-
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # stdout is the transcript: what libraries print while loading (DeepSpeed's accelerator notice) goes
     # to stderr with the other notes.
     with contextlib.redirect_stdout(sys.stderr):
-        model, template, aspect = load_for_inference(
-            ckpt_path=args.ckpt_path,
-            pretrained=args.pretrained,
-            preset=args.preset,
-            template=args.template,
-            image_aspect=args.image_aspect,
-            trust_remote_code=args.trust_remote_code,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-        )
+        model, template, aspect = load_from_arguments(args)
     # One generator for the conversation (torch's, seeded above): replies differ turn to turn, runs repeat.
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     session = ChatSession(model, template, aspect, system=args.system)

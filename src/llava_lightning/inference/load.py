@@ -94,3 +94,39 @@ def model_id_of(
     if ckpt_path:
         return f"{path.parent.parent.name}-{path.stem}" if path.parent.name == "checkpoints" else path.stem
     return path.name or "llava"
+
+
+def add_model_arguments(parser, trying: str) -> None:
+    """The model-source flags `chat` and `serve` share (`trying`: what `--preset` is for, in its help)."""
+    parser.add_argument(
+        "--ckpt_path", help="Lightning checkpoint of a training run (.ckpt file or sharded folder)"
+    )
+    parser.add_argument("--pretrained", help="llava-hf folder or hub name (as --model.pretrained)")
+    parser.add_argument(
+        "--preset", help=f"Random-init preset (tiny, tiny-next, ...): for trying {trying} out"
+    )
+    parser.add_argument("--template", help="Conversation template (default: the model's own, else vicuna_v1)")
+    parser.add_argument(
+        "--image_aspect", choices=["pad", "square"], help="Image aspect (default: the model's)"
+    )
+    parser.add_argument(
+        "--trust_remote_code", type=bool, default=False, help="Let transformers run the model's code"
+    )
+    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="Weights' dtype"
+    )
+
+
+def load_from_arguments(args) -> tuple[LlavaModel, str, str]:
+    """`load_for_inference` with what `add_model_arguments` parsed."""
+    return load_for_inference(
+        ckpt_path=args.ckpt_path,
+        pretrained=args.pretrained,
+        preset=args.preset,
+        template=args.template,
+        image_aspect=args.image_aspect,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )

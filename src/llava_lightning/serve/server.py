@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inference.chat import ReplyUsage, Sampling
+from ..inference.load import add_model_arguments, load_from_arguments, model_id_of
 from .engine import Engine, Limits
 from .errors import ApiError
 from .images import ImagePolicy, load_image
@@ -161,24 +162,7 @@ def main(argv: list[str]) -> None:
 
     defaults, limits, policy = Sampling(), Limits(), ImagePolicy()
     parser = ArgumentParser(prog="python -m llava_lightning serve", description=main.__doc__)
-    parser.add_argument(
-        "--ckpt_path", help="Lightning checkpoint of a training run (.ckpt file or sharded folder)"
-    )
-    parser.add_argument("--pretrained", help="llava-hf folder or hub name (as --model.pretrained)")
-    parser.add_argument(
-        "--preset", help="Random-init preset (tiny, tiny-next, ...): for trying the server out"
-    )
-    parser.add_argument("--template", help="Conversation template (default: the model's own, else vicuna_v1)")
-    parser.add_argument(
-        "--image_aspect", choices=["pad", "square"], help="Image aspect (default: the model's)"
-    )
-    parser.add_argument(
-        "--trust_remote_code", type=bool, default=False, help="Let transformers run the model's code"
-    )
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="Weights' dtype"
-    )
+    add_model_arguments(parser, "the server")
     parser.add_argument(
         "--model_name", default=None, help="Model id in /v1/models (default: from the source)"
     )
@@ -217,22 +201,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--allow_remote_images", type=bool, default=False, help="Fetch http(s) image URLs")
     args = parser.parse_args(argv)
 
-    import torch
     import uvicorn
 
-    from ..inference.load import load_for_inference, model_id_of
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, template, aspect = load_for_inference(
-        ckpt_path=args.ckpt_path,
-        pretrained=args.pretrained,
-        preset=args.preset,
-        template=args.template,
-        image_aspect=args.image_aspect,
-        trust_remote_code=args.trust_remote_code,
-        device=device,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-    )
+    model, template, aspect = load_from_arguments(args)
     engine = Engine(
         model,
         template,
