@@ -166,26 +166,18 @@ def save_hf(model, path: Path, image_aspect: str | None = None, chat_template: s
     log.info("wrote llava-hf folder %s", path)
 
 
-def load_hf(
-    cls,
-    path: str,
-    trust_remote_code: bool = False,
-    load_weights: bool = True,
-    attn_implementation: str | None = None,
-):
-    """Build our `cls` (LlavaModel) from a llava-hf folder or hub name, reusing the loaded modules.
-
-    `load_weights=False` reads only the config (random init; under `torch.device("meta")` the empty
-    skeleton sharded init fills after sharding). `attn_implementation` applies to the language model
-    only (the vision tower keeps its own), as `LanguageSpec.attn_implementation` does.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+def load_hf_parts(hf_cls, model_type: str, path: str, trust_remote_code: bool, load_weights: bool,
+                  attn_implementation: str | None):  # fmt: skip
+    """The steps `load_hf` and `hf_interop_next.load_hf_next` share: `(hf model, image processor or None,
+    tower, language model, tokenizer)` of a folder whose config is `model_type` (`hf_cls` loads it). The
+    language model is assembled around the loaded decoder and head, nothing copied."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if cfg.model_type != "llava":
+    if cfg.model_type != model_type:
         raise ValueError(
-            f"{path}: model_type {cfg.model_type!r} is not a llava-hf checkpoint (model_type 'llava', "
-            "LlavaForConditionalGeneration)"
+            f"{path}: model_type {cfg.model_type!r} is not a {model_type} checkpoint (model_type "
+            f"{model_type!r}, {hf_cls.__name__})"
         )
     if not cfg.multimodal_projector_bias or cfg.projector_hidden_act != "gelu":
         raise ValueError(
@@ -193,16 +185,12 @@ def load_hf(
             "(llava_lightning's mlp2x_gelu has biases and exact GELU)"
         )
     if load_weights:
-        hf = LlavaForConditionalGeneration.from_pretrained(
-            path, config=cfg, trust_remote_code=trust_remote_code
-        )
+        hf = hf_cls.from_pretrained(path, config=cfg, trust_remote_code=trust_remote_code)
     else:
-        hf = LlavaForConditionalGeneration(cfg)
+        hf = hf_cls(cfg)
     cfg = hf.config
-    mean = std = None
+    processor = mean = std = None
     try:
-        from transformers import AutoImageProcessor
-
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError):
@@ -226,9 +214,34 @@ def load_hf(
             register_varlen_attention()
         lm.set_attn_implementation(attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu")
-    # The loaded parameters themselves (assign), not copies: under DeepSpeed's zero.Init they are partitions,
-    # which a copy would read as empty.
+    return hf, processor, tower, lm, tokenizer
+
+
+def assign_projector(model, hf) -> None:
+    """`hf`'s projector parameters themselves into `model` (assign), not copies: under DeepSpeed's zero.Init
+    they are partitions, which a copy would read as empty."""
     projector = hf.model.multi_modal_projector.state_dict(keep_vars=True)
     model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
+
+
+def load_hf(
+    cls,
+    path: str,
+    trust_remote_code: bool = False,
+    load_weights: bool = True,
+    attn_implementation: str | None = None,
+):
+    """Build our `cls` (LlavaModel) from a llava-hf folder or hub name, reusing the loaded modules.
+
+    `load_weights=False` reads only the config (random init; under `torch.device("meta")` the empty
+    skeleton sharded init fills after sharding). `attn_implementation` applies to the language model
+    only (the vision tower keeps its own), as `LanguageSpec.attn_implementation` does.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    hf, _, tower, lm, tokenizer = load_hf_parts(
+        LlavaForConditionalGeneration, "llava", path, trust_remote_code, load_weights, attn_implementation
+    )
+    model = cls(tower, lm, tokenizer, hf.config.image_token_id, "mlp2x_gelu")
+    assign_projector(model, hf)
     return model

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .hf_interop import _check_exportable, build_hf_config, save_processor, to_hf_state_dict
-from .packed_attention import VARLEN, register_varlen_attention
-from .vision_hf import HFVisionTower
+from .hf_interop import (
+    _check_exportable,
+    assign_projector,
+    build_hf_config,
+    load_hf_parts,
+    save_processor,
+    to_hf_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,68 +124,27 @@ def load_hf_next(
     attn_implementation: str | None = None,
 ):
     """Build our `cls` (LlavaModel, anyres) from a llava-next folder or hub name, reusing the loaded modules;
-    arguments as `hf_interop.load_hf` (whose steps this mirrors, plus the pinpoints and `image_newline`)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
+    arguments and steps as `hf_interop.load_hf`, plus the pinpoints and `image_newline`."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    hf, processor, tower, lm, tokenizer = load_hf_parts(
         LlavaNextForConditionalGeneration,
+        "llava_next",
+        path,
+        trust_remote_code,
+        load_weights,
+        attn_implementation,
     )
-
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if cfg.model_type != "llava_next":
-        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a llava-next checkpoint")
-    if not cfg.multimodal_projector_bias or cfg.projector_hidden_act != "gelu":
-        raise ValueError(
-            f"{path}: projector without bias or with {cfg.projector_hidden_act!r} activation is not supported "
-            "(llava_lightning's mlp2x_gelu has biases and exact GELU)"
+    pinpoints = [list(map(int, p)) for p in hf.config.image_grid_pinpoints]
+    theirs = [list(p) for p in getattr(processor, "image_grid_pinpoints", None) or []]
+    if theirs and theirs != pinpoints:
+        log.warning(
+            "%s: the image processor's pinpoints %s differ from the model config's %s; using the config's",
+            path,
+            theirs,
+            pinpoints,
         )
-    if load_weights:
-        hf = LlavaNextForConditionalGeneration.from_pretrained(
-            path, config=cfg, trust_remote_code=trust_remote_code
-        )
-    else:
-        hf = LlavaNextForConditionalGeneration(cfg)
-    cfg = hf.config
-    pinpoints = [list(map(int, p)) for p in cfg.image_grid_pinpoints]
-    mean = std = None
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        theirs = [list(p) for p in getattr(processor, "image_grid_pinpoints", None) or []]
-        if theirs and theirs != pinpoints:
-            log.warning(
-                "%s: the image processor's pinpoints %s differ from the model config's %s; using the config's",
-                path,
-                theirs,
-                pinpoints,
-            )
-    except (OSError, ValueError):
-        log.warning("%s has no image processor; using the vision tower's default normalisation", path)
-    tower = HFVisionTower(
-        hf.model.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, mean, std
-    )
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(cfg.text_config)
-    setattr(lm, lm.base_model_prefix, hf.model.language_model)
-    lm.set_output_embeddings(hf.lm_head)
-    if cfg.tie_word_embeddings:
-        lm.tie_weights()
-    owned = {id(t) for t in [*hf.model.language_model.parameters(), *hf.model.language_model.buffers()]}
-    owned |= {id(t) for t in hf.lm_head.parameters()}
-    stray = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if id(t) not in owned]
-    if stray:
-        raise RuntimeError(f"{type(lm).__name__} has parts outside its base model and head: {stray[:5]}")
-    if attn_implementation is not None:
-        if attn_implementation == VARLEN:
-            register_varlen_attention()
-        lm.set_attn_implementation(attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = cls(tower, lm, tokenizer, cfg.image_token_id, "mlp2x_gelu", pinpoints)
-    # The loaded parameters themselves (assign), not copies (DeepSpeed zero.Init partitions, as in load_hf).
-    projector = hf.model.multi_modal_projector.state_dict(keep_vars=True)
-    model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
+    model = cls(tower, lm, tokenizer, hf.config.image_token_id, "mlp2x_gelu", pinpoints)
+    assign_projector(model, hf)
     model.image_newline = hf.model.image_newline
     return model
