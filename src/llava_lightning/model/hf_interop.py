@@ -138,15 +138,11 @@ def save_processor(processor, path: Path, chat_template: str | None) -> None:
         tokenizer.chat_template = before
 
 
-def save_hf(model, path: Path, image_aspect: str | None = None, chat_template: str | None = None) -> None:
-    """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer): the
-    processor pads to square for `image_aspect="pad"` and carries `chat_template`."""
-    from transformers import LlavaForConditionalGeneration
-
-    _check_exportable(model)
-    config = build_hf_config(model)
+def write_hf(model, hf_cls, config, processor, path: Path, chat_template: str | None) -> None:
+    """`model`'s weights as `hf_cls(config)` (a key copy onto meta tensors, no copies of the data), saved
+    with `processor` into `path`; the steps `save_hf` and `hf_interop_next.save_hf_next` share."""
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = hf_cls(config)
     state = to_hf_state_dict(model)
     expected = set(hf.state_dict())
     if config.tie_word_embeddings:
@@ -162,8 +158,18 @@ def save_hf(model, path: Path, image_aspect: str | None = None, chat_template: s
         hf.tie_weights()
     path.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(path))
-    save_processor(build_hf_processor(model, image_aspect, chat_template), path, chat_template)
-    log.info("wrote llava-hf folder %s", path)
+    save_processor(processor, path, chat_template)
+    log.info("wrote %s folder %s", config.model_type, path)
+
+
+def save_hf(model, path: Path, image_aspect: str | None = None, chat_template: str | None = None) -> None:
+    """Write `model` as a llava-hf folder (config, safetensors weights, processor, tokenizer): the
+    processor pads to square for `image_aspect="pad"` and carries `chat_template`."""
+    from transformers import LlavaForConditionalGeneration
+
+    _check_exportable(model)  # before the config: its messages name what transformers cannot hold
+    processor = build_hf_processor(model, image_aspect, chat_template)
+    write_hf(model, LlavaForConditionalGeneration, build_hf_config(model), processor, path, chat_template)
 
 
 def load_hf_parts(hf_cls, model_type: str, path: str, trust_remote_code: bool, load_weights: bool,

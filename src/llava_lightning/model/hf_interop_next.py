@@ -16,15 +16,12 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from .hf_interop import (
     _check_exportable,
     assign_projector,
     build_hf_config,
     load_hf_parts,
-    save_processor,
-    to_hf_state_dict,
+    write_hf,
 )
 
 log = logging.getLogger(__name__)
@@ -94,26 +91,10 @@ def save_hf_next(model, path: Path, chat_template: str | None = None) -> None:
     from transformers import LlavaNextForConditionalGeneration
 
     _check_exportable(model)
-    config = build_hf_next_config(model)
-    with torch.device("meta"):
-        hf = LlavaNextForConditionalGeneration(config)
-    state = to_hf_state_dict(model)
-    expected = set(hf.state_dict())
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"save_hf: key mismatch, missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    hf.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        hf.tie_weights()
-    path.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(path))
-    save_processor(build_hf_next_processor(model, chat_template), path, chat_template)
-    log.info("wrote llava-next folder %s", path)
+    processor = build_hf_next_processor(model, chat_template)
+    write_hf(
+        model, LlavaNextForConditionalGeneration, build_hf_next_config(model), processor, path, chat_template
+    )
 
 
 def load_hf_next(
