@@ -319,7 +319,8 @@ def test_concurrent_requests_take_turns_and_get_their_own_replies(served):
     assert results == {t: _greedy(served["model"], [Message("user", t)]) for t in texts}
 
 
-def test_a_client_that_hangs_up_stops_the_generation(served, monkeypatch):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_stops_the_generation(served, monkeypatch, stream):
     model, engine = served["model"], served["engine"]
     calls = []
     forward = model.forward
@@ -332,15 +333,19 @@ def test_a_client_that_hangs_up_stops_the_generation(served, monkeypatch):
     monkeypatch.setattr(model, "forward", slow_forward)
     body = {
         "messages": [{"role": "user", "content": "Go on."}],
-        "stream": True,
+        "stream": stream,
         "max_tokens": 1000,
         "temperature": 1.0,
         "seed": 0,
     }
-    with httpx.stream("POST", served["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for _ in range(6):  # the role chunk and a few pieces
-            next(lines)
+    if stream:
+        with httpx.stream("POST", served["url"] + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for _ in range(6):  # the role chunk and a few pieces
+                next(lines)
+    else:  # the client gives up waiting for the whole reply
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served["url"] + "/v1/chat/completions", json=body, timeout=0.5)
     deadline = time.monotonic() + 10
     while (engine.generating or engine.in_flight) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -81,8 +81,13 @@ def create_app(engine: Engine, images: ImagePolicy | None = None, web: bool = Tr
         pieces = engine.stream(prompt, chat.sampling, usage, ticket)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not chat.stream:
+            parts: list[str] = []
             try:
-                text = "".join([piece async for piece in pieces])
+                async for piece in pieces:
+                    parts.append(piece)
+                    if await request.is_disconnected():  # nobody to answer: stop generating
+                        break
+                text = "".join(parts)
             finally:
                 await pieces.aclose()  # type: ignore[attr-defined]
             return completion_body(request_id, created, engine.model_id, text, usage)
