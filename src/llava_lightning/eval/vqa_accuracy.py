@@ -168,14 +168,16 @@ def _human_answers(record: dict[str, Any], where: str) -> list[str]:
 def _score_list(
     entries: list[tuple[str, dict[str, Any], str | None]],
     answers: list[dict[str, Any]],
-    coverage: Coverage,
     find: Callable[[dict[str, Any]], int | None],
     accuracy_of: Callable[[str, dict[str, Any]], float],
     subset: bool,
+    strict: bool,
     source: str,
 ) -> dict[str, Any]:
     """Match answers to `entries` (key, annotation record, group) through `find` (answer -> entry index,
-    or None for an unknown question) and average `accuracy_of(text, record)`."""
+    or None for an unknown question) and average `accuracy_of(text, record)`; the result with its
+    `coverage` (`strict`: any unmatched answer or question raises)."""
+    coverage = Coverage()
 
     def key(answer: dict[str, Any]) -> Any:
         i = find(answer)
@@ -208,7 +210,8 @@ def _score_list(
         result["per_answer_type"] = {
             k: {"accuracy": percent(s, n), "n": n} for k, (s, n) in sorted(groups.items())
         }
-    return result
+    coverage.check(strict, source)
+    return {**result, "coverage": coverage.as_dict()}
 
 
 def score_textvqa(
@@ -246,10 +249,7 @@ def score_textvqa(
         ]
         return soft_accuracy(evalai_normalize(text), humans)
 
-    coverage = Coverage()
-    result = _score_list(entries, answers, coverage, find, accuracy_of, subset, str(annotations))
-    coverage.check(strict, str(annotations))
-    return {**result, "coverage": coverage.as_dict()}
+    return _score_list(entries, answers, find, accuracy_of, subset, strict, str(annotations))
 
 
 def vqav2_accuracy(text: str, human_answers: list[str]) -> float:
@@ -281,12 +281,8 @@ def score_vqav2(
     def accuracy_of(text: str, record: dict[str, Any]) -> float:
         return vqav2_accuracy(text, _human_answers(record, f"{annotations}: {record['question_id']}"))
 
-    coverage = Coverage()
-    result = _score_list(
-        entries, answers, coverage, lambda a: lookup.get(answer_id(a)), accuracy_of, subset, str(annotations)
-    )
-    coverage.check(strict, str(annotations))
-    return {**result, "coverage": coverage.as_dict()}
+    find = lambda a: lookup.get(answer_id(a))  # noqa: E731
+    return _score_list(entries, answers, find, accuracy_of, subset, strict, str(annotations))
 
 
 def vizwiz_accuracy(text: str, human_answers: list[str]) -> float:
@@ -329,9 +325,5 @@ def score_vizwiz(
     def accuracy_of(text: str, record: dict[str, Any]) -> float:
         return vizwiz_accuracy(text, _human_answers(record, f"{annotations}: {record['image']}"))
 
-    coverage = Coverage()
-    result = _score_list(
-        entries, answers, coverage, lambda a: lookup.get(answer_id(a)), accuracy_of, subset, str(annotations)
-    )
-    coverage.check(strict, str(annotations))
-    return {**result, "coverage": coverage.as_dict()}
+    find = lambda a: lookup.get(answer_id(a))  # noqa: E731
+    return _score_list(entries, answers, find, accuracy_of, subset, strict, str(annotations))
